@@ -1,0 +1,53 @@
+# One entry point per stage. Every target installs what it needs through `setup`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+
+# albumentations (imported by img2dataset) phones PyPI at every import unless this is set.
+export NO_ALBUMENTATIONS_UPDATE := 1
+# DeepSpeed JIT-compiles its shm comm op once (~45 s); keep the cache in one stable place.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PYTHONUNBUFFERED := 1
+
+# `make shards` inputs. With no URLS, the embedded Fashion-MNIST demo dataset is built offline.
+URLS ?=
+OUT ?= data/fmnist
+CONFIG ?=
+ARGS ?=
+FAST ?=
+
+.PHONY: setup setup-system test shards bench clean help
+
+help:
+	@echo "make setup   - create .venv and install the pinned stack (idempotent)"
+	@echo "make test    - setup + the whole test suite"
+	@echo "make shards  - URL list -> img2dataset -> filtered, deduplicated WebDataset shards"
+	@echo "make bench   - run benchmarks/ and rewrite BENCHMARKS.md"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
+	$(PYTHON) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $@
+
+# System packages the tests use. Installed only when running as root; otherwise the
+# tests that need them skip with a reason.
+setup-system:
+	@bash tests/setup_system.sh
+
+test: setup setup-system
+	@set +e; $(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+shards: setup
+	$(PYTHON) -m pipeline run $(if $(URLS),--urls $(URLS),--demo $(if $(FAST),--fast)) --out $(OUT) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+bench: setup
+	$(PYTHON) -m benchmarks.run
+
+clean:
+	rm -rf data runs demo .pytest_cache
