@@ -1,0 +1,13 @@
+"""Process-wide test settings. Set before anything imports img2dataset, torch or DeepSpeed."""
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# albumentations (via img2dataset) contacts PyPI at import unless this is set.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# DeepSpeed's shm comm op JIT-compiles once (~45 s); a stable cache pays that once per machine.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+# Two cores: multi-rank tests oversubscribe without this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
