@@ -1,0 +1,146 @@
+"""`python -m pipeline`: the ingestion stages, together or one at a time.
+
+  run       --urls FILE|DIR --out OUT [--config YAML] [key=value ...]   every stage
+  demo      --out data/fmnist [--fast] [--port N]                        embedded Fashion-MNIST, offline
+  parts     --urls FILE|DIR --out OUT       register the input parts, print their count (array size)
+  part      --out OUT --index I             input + download + filter + scatter of part I (an array task)
+  global    --out OUT                       dedup + reshard + finalize (after all parts)
+  dedup     --out OUT [--partition P]       the two dedup passes (or one partition of each)
+  reshard   --out OUT [--partition P]       final shards (or one partition)
+  finalize  --out OUT                       summary.json + manifest.json
+  serve     DIR [--port N]                  serve a folder on 127.0.0.1 (for trials with local files)
+
+A stage run alone reads the config saved in OUT/_work/config.yaml by the first command.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before anything can import img2dataset
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from pipeline import run as stages  # noqa: E402
+from pipeline.config import ConfigError, load_config, to_yaml  # noqa: E402
+from pipeline.settings import IngestConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = ROOT / "configs" / "shards_demo.yaml"
+
+
+def resolve_config(args, out: Path) -> IngestConfig:
+    """--config + overrides on the first command; afterwards the saved copy, unless given again."""
+    saved = stages.work_dir(IngestConfig(), out) / "config.yaml"
+    path = args.config
+    if path is None and saved.exists():
+        path = saved
+    cfg = load_config(IngestConfig, path, args.overrides)
+    work = stages.work_dir(cfg, out)
+    work.mkdir(parents=True, exist_ok=True)
+    if not saved.exists() or args.config or args.overrides:
+        (work / "config.yaml").write_text(to_yaml(cfg))
+    return cfg
+
+
+def cmd_demo(args) -> None:
+    from pipeline.demo_source import build_source, demo_sizes, write_classnames
+    from pipeline.http_server import LoopbackServer
+
+    out = Path(args.out)
+    source = Path(f"{out}_source")
+    test_out = Path(f"{out}_test")
+    cfg = load_config(IngestConfig, args.config or DEMO_CONFIG, args.overrides)
+    test_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), {
+        "reshard": {"train_split": "test", "val_fraction": 0.0}, "dedup": {"by_content": False}}))
+    sizes = demo_sizes(args.fast)
+    with LoopbackServer(source / "images", port=args.port) as server:
+        print(f"serving {source / 'images'} at {server.base_url}")
+        for split, dataset, split_cfg in (("train", out, cfg), ("test", test_out, test_cfg)):
+            urls = build_source(source, split, server.base_url, sizes[split], seed=cfg.reshard.seed)
+            print(f"== Fashion-MNIST {split}: {urls}")
+            stages.run_all(urls, dataset, split_cfg)
+            write_classnames(dataset)
+    print(f"train/val: {out}   held-out test: {test_out}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "demo", "parts", "part", "global", "dedup", "reshard", "finalize"):
+        p = sub.add_parser(name)
+        p.add_argument("--out", required=True, help="dataset folder to write")
+        p.add_argument("--config", default=None, help="YAML config (see configs/shards_*.yaml)")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides")
+        if name in ("run", "parts"):
+            p.add_argument("--urls", required=True, help="URL list file, or a folder of parts")
+        if name == "part":
+            p.add_argument("--index", type=int, required=True)
+        if name in ("dedup", "reshard"):
+            p.add_argument("--partition", type=int, default=None, help="one partition (an array task)")
+        if name == "dedup":
+            p.add_argument("--pass", dest="dedup_pass", choices=["url", "content"], default=None,
+                           help="with --partition: which pass (all url partitions before any content one)")
+        if name == "demo":
+            p.add_argument("--fast", action="store_true", help="500 train / 100 test images per class")
+            p.add_argument("--port", type=int, default=18765, help="loopback port of the demo server")
+    p = sub.add_parser("serve")
+    p.add_argument("folder")
+    p.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return dispatch(args) or 0
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+
+def dispatch(args) -> int | None:
+    if args.command == "serve":
+        from pipeline.http_server import LoopbackServer
+
+        with LoopbackServer(args.folder, port=args.port) as server:
+            print(f"serving {args.folder} at {server.base_url} (Ctrl-C stops)")
+            while True:
+                time.sleep(3600)
+    if args.command == "demo":
+        return cmd_demo(args)
+    out = Path(args.out)
+    cfg = resolve_config(args, out)
+    work = stages.work_dir(cfg, out)
+    if args.command == "run":
+        stages.run_all(args.urls, out, cfg)
+    elif args.command == "parts":
+        print(len(stages.register_parts(args.urls, work)))
+    elif args.command == "part":
+        stages.run_part(args.index, stages.registered_parts(work), cfg, work)
+    elif args.command == "global":
+        n = len(stages.registered_parts(work))
+        stages.run_dedup(n, cfg, work)
+        stages.run_reshard(cfg, work, out)
+        stages.run_finalize(n, cfg, work, out)
+    elif args.command == "dedup":
+        n = len(stages.registered_parts(work))
+        if args.partition is None:
+            stages.run_dedup(n, cfg, work)
+        elif args.dedup_pass == "url":  # all scatters must be done (they run in `part`)
+            stages.reduce_url(args.partition, n, cfg, work)
+        elif args.dedup_pass == "content":
+            stages.reduce_content(args.partition, cfg, work)
+        else:
+            raise SystemExit("dedup --partition needs --pass url|content")
+    elif args.command == "reshard":
+        stages.run_reshard(cfg, work, out, only=args.partition)
+    elif args.command == "finalize":
+        stages.run_finalize(len(stages.registered_parts(work)), cfg, work, out)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Stage 2, download: one normalised input part -> img2dataset (webdataset output) under
+WORK/download/part-00003/. img2dataset does the fetching, retries, timeouts, resizing, hashing and
+its own incremental resume; this module only runs it, checks every shard it claims to have
+finished, and turns its free-text error messages into counted failure reasons.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List
+
+import pyarrow.parquet as pq
+
+from pipeline.manifest import atomic_write_text
+from pipeline.settings import IngestConfig
+
+# First match wins. img2dataset reports urllib / OpenCV exceptions as their message text.
+FAILURE_REASONS = [
+    (re.compile(r"HTTP Error (\d{3})"), r"http_\1"),
+    (re.compile(r"Connection refused", re.I), "connection_refused"),
+    (re.compile(r"timed? ?out", re.I), "timeout"),
+    (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo", re.I), "dns_error"),
+    (re.compile(r"Connection reset|Remote end closed|RemoteDisconnected|IncompleteRead", re.I), "connection_error"),
+    (re.compile(r"!buf\.empty\(\)|empty", re.I), "empty_body"),
+    (re.compile(r"decod", re.I), "decode_error"),  # not an image, truncated, or over max_decode_pixels
+    (re.compile(r"X-Robots-Tag", re.I), "robots_disallowed"),
+    (re.compile(r"hash mismatch", re.I), "hash_mismatch"),
+    (re.compile(r"too small|area too large|aspect ratio", re.I), "image_rejected_by_img2dataset"),
+    (re.compile(r"ssl|certificate", re.I), "ssl_error"),
+]
+
+
+def classify_failure(message: str | None) -> str:
+    message = message or ""
+    for pattern, reason in FAILURE_REASONS:
+        match = pattern.search(message)
+        if match:
+            return match.expand(reason)
+    return "other_error"
+
+
+def part_dir(work: Path, part: int) -> Path:
+    return work / "download" / f"part-{part:05d}"
+
+
+def _shard_complete(folder: Path, shard: str) -> bool:
+    """img2dataset writes {shard}.tar/.parquet, then {shard}_stats.json (not atomically): a shard
+    counts only when its stats parse and its parquet holds exactly the rows the stats count."""
+    try:
+        stats = json.loads((folder / f"{shard}_stats.json").read_text())
+        return pq.read_metadata(folder / f"{shard}.parquet").num_rows == stats["count"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _remove_incomplete(folder: Path, n_shards: int, oom: int) -> List[str]:
+    """Delete the leftovers of shards a kill interrupted so that img2dataset redoes them."""
+    removed = []
+    for i in range(n_shards):
+        shard = f"{i:0{oom}d}"
+        if (folder / f"{shard}_stats.json").exists() and not _shard_complete(folder, shard):
+            for suffix in ("_stats.json", ".parquet", ".tar"):
+                (folder / f"{shard}{suffix}").unlink(missing_ok=True)
+            removed.append(shard)
+    return removed
+
+
+def download_part(part: int, cfg: IngestConfig, work: Path) -> Dict:
+    """Download one part. Idempotent: a finished part is skipped, an interrupted one resumes."""
+    out = part_dir(work, part)
+    marker = out / "_DONE.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    src = work / "input" / f"part-{part:05d}.parquet"
+    if not (work / "input" / f"part-{part:05d}.json").exists():
+        raise FileNotFoundError(f"input part {part} is not normalised yet ({src})")
+    rows = pq.read_metadata(src).num_rows
+    d = cfg.download
+    oom = 5
+    n_shards = math.ceil(rows / d.number_sample_per_shard)
+    out.mkdir(parents=True, exist_ok=True)
+    if rows:
+        _remove_incomplete(out, n_shards, oom)
+        _run_img2dataset(src, out, cfg)
+    missing = [f"{i:0{oom}d}" for i in range(n_shards) if not _shard_complete(out, f"{i:0{oom}d}")]
+    if missing:
+        raise RuntimeError(f"img2dataset left shards {missing} of part {part} incomplete; rerun to resume")
+    shutil.rmtree(out / "_tmp", ignore_errors=True)
+    result = {"part": part, "rows_sent": rows, "shards": [f"{i:0{oom}d}" for i in range(n_shards)]}
+    atomic_write_text(marker, json.dumps(result, indent=1))
+    return result
+
+
+def _run_img2dataset(src: Path, out: Path, cfg: IngestConfig) -> None:
+    # Both must be in the environment before img2dataset (and cv2 in its workers) is imported.
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    os.environ["CV_IO_MAX_IMAGE_PIXELS"] = str(cfg.download.max_decode_pixels)
+    from img2dataset import download  # heavy import; only the download stage needs it
+
+    d = cfg.download
+    download(
+        url_list=str(src),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=["row_key", *cfg.input.keep_columns],
+        output_folder=str(out),
+        output_format="webdataset",
+        incremental_mode="incremental",
+        image_size=d.image_size,
+        resize_mode=d.resize_mode,
+        resize_only_if_bigger=d.resize_only_if_bigger,
+        encode_format=d.encode_format,
+        encode_quality=d.encode_quality,
+        processes_count=d.processes_count,
+        thread_count=d.thread_count,
+        timeout=d.timeout,
+        retries=d.retries,
+        number_sample_per_shard=d.number_sample_per_shard,
+        compute_hash=d.compute_hash,
+        user_agent_token=d.user_agent_token,
+        disallowed_header_directives=d.disallowed_header_directives,
+        distributor=d.distributor,
+        enable_wandb=False,
+        extract_exif=False,
+    )
+
+
+def failure_counts(metadata_status: List[str | None], messages: List[str | None]) -> Counter:
+    """Counted reasons for the rows img2dataset did not deliver."""
+    counts: Counter = Counter()
+    for status, message in zip(metadata_status, messages):
+        if status != "success":
+            counts[classify_failure(message)] += 1
+    return counts

@@ -1,0 +1,186 @@
+"""Stage 1, input: URL lists (parquet, CSV/TSV, JSONL; one file or a folder of parts) ->
+normalised parts under WORK/input/:
+
+    part-00003.parquet       rows sent to download: row_key, url, caption, kept columns
+    part-00003.rejected.parquet   rows rejected here: row_key, url, reason
+    part-00003.json          counts; written last, so its presence means the part is complete
+
+Every input row gets a row key "PPPPPRRRRRRRRR" (part, row), stable across reruns; it becomes the
+final sample key. Caption rules run here, before download, so rejected rows cost no bandwidth.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.captions import caption_reason, clean_caption, decode_caption
+from pipeline.manifest import atomic_write_text
+from pipeline.settings import IngestConfig
+
+SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+RESERVED = {"row_key", "key", "url", "caption", "status", "error_message", "width", "height",
+            "original_width", "original_height", "exif", "sha256", "md5"}
+_URL_OK = re.compile(r"^https?://\S+$", re.IGNORECASE)
+
+
+class InputError(ValueError):
+    """A malformed input file; the message names the file and, where known, the row."""
+
+
+def detect_format(path: Path, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    fmt = SUFFIXES.get(suffixes[-1].lower()) if suffixes else None
+    if fmt is None:
+        raise InputError(f"{path}: cannot tell the format from the extension; set input.format")
+    return fmt
+
+
+def list_input_files(urls: str | Path) -> List[Path]:
+    """One file, or every supported file in a folder (sorted: the order defines part numbers)."""
+    urls = Path(urls)
+    if urls.is_file():
+        return [urls]
+    if not urls.is_dir():
+        raise InputError(f"{urls}: no such file or folder")
+    files = sorted(p for p in urls.iterdir() if p.is_file() and not p.name.startswith(("_", "."))
+                   and any(s.lower() in SUFFIXES for s in p.suffixes))
+    if not files:
+        raise InputError(f"{urls}: folder has no .parquet/.csv/.tsv/.jsonl parts")
+    return files
+
+
+def _require_columns(path: Path, found: List[str], needed: List[str]) -> None:
+    missing = [c for c in needed if c not in found]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing}; found {found}. "
+                         f"Set input.url_col / input.caption_col / input.keep_columns.")
+
+
+def read_table(path: Path, cfg: IngestConfig) -> pa.Table:
+    """The url, caption and kept columns of one input file. url and caption stay as raw bytes
+    where the format allows, so invalid UTF-8 becomes a per-row reason instead of a crash."""
+    icfg = cfg.input
+    needed = [icfg.url_col, icfg.caption_col, *icfg.keep_columns]
+    fmt = detect_format(path, icfg.format)
+    try:
+        if fmt == "parquet":
+            _require_columns(path, pq.read_schema(path).names, needed)
+            return pq.read_table(path, columns=needed)
+        if fmt in ("csv", "tsv"):
+            with pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=64 << 10)) as probe:
+                _require_columns(path, probe.schema.names, needed)
+            return pacsv.read_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=icfg.csv_block_bytes),
+                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=needed,
+                    column_types={icfg.url_col: pa.binary(), icfg.caption_col: pa.binary()}),
+            )
+        return _read_jsonl(path, needed)
+    except InputError:
+        raise
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError) as err:
+        raise InputError(f"{path}: {err}") from None
+
+
+def _read_jsonl(path: Path, needed: List[str]) -> pa.Table:
+    columns: Dict[str, list] = {c: [] for c in needed}
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                # surrogateescape keeps invalid UTF-8 visible to decode_caption as lone surrogates
+                row = json.loads(line.decode("utf-8", "surrogateescape"))
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for c in needed:
+                columns[c].append(row.get(c))
+    arrays = {}
+    for c, values in columns.items():
+        if c in needed[:2]:  # url, caption: bytes, so lone surrogates (bad UTF-8) fail decode_caption
+            arrays[c] = pa.array([v if v is None else str(v).encode("utf-8", "surrogatepass") for v in values],
+                                 pa.binary())
+        else:
+            arrays[c] = pa.array(values)
+    return pa.table(arrays)
+
+
+def normalize_part(src: Path, part: int, cfg: IngestConfig, work: Path) -> Dict:
+    """Read one input file, apply URL and caption rules, write the part files. Idempotent."""
+    out_dir = work / "input"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / f"part-{part:05d}.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    clash = RESERVED.intersection(cfg.input.keep_columns)
+    if clash:
+        raise InputError(f"input.keep_columns {sorted(clash)} clash with pipeline column names")
+    table = read_table(src, cfg)
+    urls = table.column(cfg.input.url_col).to_pylist()
+    captions = table.column(cfg.input.caption_col).to_pylist()
+    filtered: Counter = Counter()
+    repaired: Counter = Counter()
+    keep_rows, keys, clean_urls, clean_caps = [], [], [], []
+    rej_keys, rej_urls, rej_reasons = [], [], []
+    for i, (raw_url, raw_caption) in enumerate(zip(urls, captions)):
+        key = f"{part:05d}{i:09d}"
+        url, bad_url = decode_caption(raw_url)  # same UTF-8 check as captions
+        url = url.strip() if url else None
+        reason = None
+        if bad_url:
+            reason = "url_invalid"
+        elif not url:
+            reason = "url_missing"
+        elif not _URL_OK.match(url):
+            reason = "url_invalid"
+        caption = None
+        if reason is None:
+            caption, reason = decode_caption(raw_caption)
+        if reason is None:
+            caption, had_control = clean_caption(caption or "")
+            reason = caption_reason(caption, cfg.captions)
+            if had_control and reason is None:
+                repaired["caption_control_chars_stripped"] += 1
+        if reason is not None:
+            filtered[reason] += 1
+            rej_keys.append(key)
+            rej_urls.append(url)
+            rej_reasons.append(reason)
+            continue
+        keep_rows.append(i)
+        keys.append(key)
+        clean_urls.append(url)
+        clean_caps.append(caption)
+    accepted = {"row_key": pa.array(keys, pa.string()), "url": pa.array(clean_urls, pa.string()),
+                "caption": pa.array(clean_caps, pa.string())}
+    for c in cfg.input.keep_columns:
+        accepted[c] = table.column(c).take(pa.array(keep_rows, pa.int64()))
+    _write_parquet(pa.table(accepted), out_dir / f"part-{part:05d}.parquet")
+    _write_parquet(pa.table({"row_key": pa.array(rej_keys, pa.string()), "url": pa.array(rej_urls, pa.string()),
+                             "reason": pa.array(rej_reasons, pa.string())}),
+                   out_dir / f"part-{part:05d}.rejected.parquet")
+    counts = {"source": str(src), "input_rows": table.num_rows, "accepted": len(keys),
+              "filtered": dict(filtered), "repaired": dict(repaired)}
+    atomic_write_text(marker, json.dumps(counts, indent=1))
+    return counts
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)

@@ -1,0 +1,146 @@
+"""The stages in order, each a loop of independent, idempotent units over the work folder.
+
+A rerun after a crash (kill -9 at any moment) skips the units whose marker exists and redoes the
+rest; since every unit is deterministic, the final shards equal those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List
+
+from tqdm import tqdm
+
+from pipeline.dedup import reduce_content, reduce_url, scatter_part
+from pipeline.download import download_part
+from pipeline.filter import filter_part
+from pipeline.manifest import atomic_write_text
+from pipeline.read_input import list_input_files, normalize_part
+from pipeline.reshard import plan, reshard_partition
+from pipeline.settings import IngestConfig
+from pipeline.summary import finalize, format_summary
+
+log = logging.getLogger("pipeline")
+
+
+def work_dir(cfg: IngestConfig, out: Path) -> Path:
+    return Path(cfg.work_dir) if cfg.work_dir else Path(out) / "_work"
+
+
+def register_parts(urls: str | Path, work: Path) -> List[Path]:
+    """Fix the part numbering on the first run; a rerun must see the same input files."""
+    files = [p.resolve() for p in list_input_files(urls)]
+    record = work / "parts.json"
+    if record.exists():
+        known = [Path(p) for p in json.loads(record.read_text())]
+        if known != files:
+            raise RuntimeError(f"{record}: the input files changed since this work folder was started "
+                               f"({len(known)} then, {len(files)} now); use a new OUT or delete {work}")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps([str(p) for p in files], indent=1))
+    return files
+
+
+def registered_parts(work: Path) -> List[Path]:
+    record = work / "parts.json"
+    if not record.exists():
+        raise FileNotFoundError(f"{record} not found: run `python -m pipeline parts` (or `run`) first")
+    return [Path(p) for p in json.loads(record.read_text())]
+
+
+def _each(name: str, fn: Callable, items: Iterable, workers: int) -> list:
+    """Run fn over items (in a process pool when workers > 1) with a progress bar."""
+    items = list(items)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(items), desc=f"{name:>9}", unit="task", leave=True)
+    results = []
+    if workers > 1 and len(items) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
+            for result in pool.map(fn, items):
+                results.append(result)
+                bar.update()
+    else:
+        for item in items:
+            results.append(fn(item))
+            bar.update()
+    bar.close()
+    log.info("%s: %d tasks in %.1f s", name, len(items), time.perf_counter() - t0)
+    return results
+
+
+class _Unit:
+    """A picklable (stage function, config, work) closure for the process pool."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __call__(self, item):
+        return self.fn(item, *self.args)
+
+
+def _normalize(i: int, files: List[Path], cfg: IngestConfig, work: Path) -> Dict:
+    return normalize_part(files[i], i, cfg, work)
+
+
+def run_input(files: List[Path], cfg: IngestConfig, work: Path) -> list:
+    return _each("input", _Unit(_normalize, files, cfg, work), range(len(files)), cfg.workers)
+
+
+def run_download(n_parts: int, cfg: IngestConfig, work: Path) -> list:
+    # Sequential over parts: img2dataset already runs processes_count x thread_count downloads.
+    return [download_part(i, cfg, work) for i in range(n_parts)]
+
+
+def run_filter(n_parts: int, cfg: IngestConfig, work: Path) -> list:
+    return _each("filter", _Unit(filter_part, cfg, work), range(n_parts), cfg.workers)
+
+
+def run_dedup(n_parts: int, cfg: IngestConfig, work: Path) -> None:
+    P = cfg.dedup.partitions
+    _each("scatter", _Unit(scatter_part, cfg, work), range(n_parts), cfg.workers)
+    _each("dedup-url", _Unit(reduce_url, n_parts, cfg, work), range(P), cfg.workers)
+    _each("dedup-img", _Unit(reduce_content, cfg, work), range(P), cfg.workers)
+
+
+def run_reshard(cfg: IngestConfig, work: Path, out: Path, only: int | None = None) -> None:
+    shard_plan = plan(cfg, work)
+    partitions = range(cfg.dedup.partitions) if only is None else [only]
+    _each("reshard", _Unit(reshard_partition, cfg, work, out, shard_plan), partitions, cfg.workers)
+
+
+def run_part(i: int, files: List[Path], cfg: IngestConfig, work: Path) -> None:
+    """Everything that needs only part i: one SLURM array task."""
+    normalize_part(files[i], i, cfg, work)
+    download_part(i, cfg, work)
+    filter_part(i, cfg, work)
+    scatter_part(i, cfg, work)
+
+
+def run_finalize(n_parts: int, cfg: IngestConfig, work: Path, out: Path) -> Dict:
+    summary = finalize(n_parts, cfg, work, out)
+    print(format_summary(summary))
+    return summary
+
+
+def run_all(urls: str | Path, out: str | Path, cfg: IngestConfig) -> Dict:
+    """URL list(s) -> finished dataset folder. Returns summary.json's content."""
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    out = Path(out)
+    work = work_dir(cfg, out)
+    files = register_parts(urls, work)
+    t0 = time.perf_counter()
+    run_input(files, cfg, work)
+    run_download(len(files), cfg, work)
+    run_filter(len(files), cfg, work)
+    run_dedup(len(files), cfg, work)
+    run_reshard(cfg, work, out)
+    summary = run_finalize(len(files), cfg, work, out)
+    elapsed = time.perf_counter() - t0
+    print(f"{summary['written']:,} samples in {sum(summary['shards'].values())} shards -> {out} "
+          f"({elapsed:.1f} s, {summary['input_rows'] / max(elapsed, 1e-9):.0f} input rows/s)")
+    return summary

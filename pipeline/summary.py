@@ -1,0 +1,85 @@
+"""Finalize: add up every stage's counts into OUT/summary.json, check that no row vanished,
+then write the manifest (last: its presence marks the dataset complete)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Dict
+
+from pipeline.manifest import Manifest, ShardInfo, SplitInfo, atomic_write_text, write_manifest
+from pipeline.settings import IngestConfig
+
+
+class AccountingError(RuntimeError):
+    """input_rows != written + failed + filtered + duplicates: a bug, never silently accepted."""
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def build_summary(n_parts: int, cfg: IngestConfig, work: Path) -> Dict:
+    input_rows = 0
+    filtered: Counter = Counter()
+    failed: Counter = Counter()
+    repaired: Counter = Counter()
+    for part in range(n_parts):
+        counts = _load(work / "input" / f"part-{part:05d}.json")
+        input_rows += counts["input_rows"]
+        filtered.update(counts["filtered"])
+        repaired.update(counts["repaired"])
+        counts = _load(work / "filter" / f"part-{part:05d}.json")
+        failed.update(counts["failed"])
+        filtered.update(counts["filtered"])
+    P = cfg.dedup.partitions
+    dup_url = sum(_load(work / "dedup" / "by_url" / f"_reduced-p{p:04d}.json")["duplicate_url"] for p in range(P))
+    dup_content = sum(_load(work / "dedup" / "final" / f"q{q:04d}.json")["duplicate_content"] for q in range(P))
+    written: Counter = Counter()
+    shards: Dict[str, list] = {}
+    for q in range(P):
+        for split, items in _load(work / "reshard" / f"q{q:04d}.json").items():
+            shards.setdefault(split, []).extend(items)
+            written[split] += sum(s["num_samples"] for s in items)
+    summary = {
+        "input_rows": input_rows,
+        "written": sum(written.values()),
+        "written_by_split": dict(written),
+        "failed": dict(sorted(failed.items())),
+        "filtered": dict(sorted(filtered.items())),
+        "duplicates": dup_url + dup_content,
+        "duplicates_by": {"url": dup_url, "content": dup_content},
+        "repaired": dict(repaired),
+        "shards": {split: len(items) for split, items in shards.items()},
+    }
+    accounted = summary["written"] + sum(failed.values()) + sum(filtered.values()) + summary["duplicates"]
+    if accounted != input_rows:
+        raise AccountingError(f"{input_rows} input rows but {accounted} accounted for: {summary}")
+    summary["_shard_list"] = shards
+    return summary
+
+
+def finalize(n_parts: int, cfg: IngestConfig, work: Path, out: Path) -> Dict:
+    summary = build_summary(n_parts, cfg, work)
+    shards = summary.pop("_shard_list")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    splits = {split: SplitInfo(shards=[ShardInfo(**s) for s in sorted(items, key=lambda s: s["path"])])
+              for split, items in sorted(shards.items())}
+    write_manifest(out, Manifest(splits=splits, seed=cfg.reshard.seed))
+    return summary
+
+
+def format_summary(summary: Dict) -> str:
+    """The final table printed at the end of a run."""
+    lines = [f"{'input rows':<34}{summary['input_rows']:>12,}"]
+    for split, n in summary["written_by_split"].items():
+        lines.append(f"{'written: ' + split:<34}{n:>12,}")
+    for group in ("failed", "filtered"):
+        for reason, n in summary[group].items():
+            lines.append(f"{group + ': ' + reason:<34}{n:>12,}")
+    for kind, n in summary["duplicates_by"].items():
+        lines.append(f"{'duplicates: ' + kind:<34}{n:>12,}")
+    for reason, n in summary.get("repaired", {}).items():
+        lines.append(f"{'(kept, repaired: ' + reason + ')':<34}{n:>12,}")
+    rule = "-" * 46
+    return "\n".join([rule, *lines, rule])
