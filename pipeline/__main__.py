@@ -58,6 +58,7 @@ def cmd_demo(args) -> None:
     test_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), {
         "reshard": {"train_split": "test", "val_fraction": 0.0}, "dedup": {"by_content": False}}))
     sizes = demo_sizes(args.fast)
+    sizes = {"train": args.train_per_class or sizes["train"], "test": args.test_per_class or sizes["test"]}
     with LoopbackServer(source / "images", port=args.port) as server:
         print(f"serving {source / 'images'} at {server.base_url}")
         for split, dataset, split_cfg in (("train", out, cfg), ("test", test_out, test_cfg)):
@@ -89,6 +90,8 @@ def main(argv=None) -> int:
         if name == "demo":
             p.add_argument("--fast", action="store_true", help="500 train / 100 test images per class")
             p.add_argument("--port", type=int, default=18765, help="loopback port of the demo server")
+            p.add_argument("--train-per-class", type=int, default=None, help="subset size (default: all)")
+            p.add_argument("--test-per-class", type=int, default=None, help="subset size (default: all)")
     p = sub.add_parser("serve")
     p.add_argument("folder")
     p.add_argument("--port", type=int, default=8000)

@@ -26,8 +26,9 @@ FAILURE_REASONS = [
     (re.compile(r"timed? ?out", re.I), "timeout"),
     (re.compile(r"Name or service not known|nodename nor servname|getaddrinfo", re.I), "dns_error"),
     (re.compile(r"Connection reset|Remote end closed|RemoteDisconnected|IncompleteRead", re.I), "connection_error"),
-    (re.compile(r"!buf\.empty\(\)|empty", re.I), "empty_body"),
-    (re.compile(r"decod", re.I), "decode_error"),  # not an image, truncated, or over max_decode_pixels
+    (re.compile(r"CV_IO_MAX_IMAGE_PIXELS"), "too_many_pixels"),  # decompression bomb, refused before allocation
+    (re.compile(r"!buf\.empty\(\)"), "empty_body"),
+    (re.compile(r"decod", re.I), "decode_error"),  # not an image (e.g. HTML), or truncated
     (re.compile(r"X-Robots-Tag", re.I), "robots_disallowed"),
     (re.compile(r"hash mismatch", re.I), "hash_mismatch"),
     (re.compile(r"too small|area too large|aspect ratio", re.I), "image_rejected_by_img2dataset"),

@@ -77,16 +77,12 @@ def read_table(path: Path, cfg: IngestConfig) -> pa.Table:
             _require_columns(path, pq.read_schema(path).names, needed)
             return pq.read_table(path, columns=needed)
         if fmt in ("csv", "tsv"):
-            with pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=64 << 10)) as probe:
+            read = pacsv.ReadOptions(block_size=icfg.csv_block_bytes)
+            parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+            with pacsv.open_csv(path, read_options=read, parse_options=parse) as probe:
                 _require_columns(path, probe.schema.names, needed)
-            return pacsv.read_csv(
-                path,
-                read_options=pacsv.ReadOptions(block_size=icfg.csv_block_bytes),
-                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(
-                    include_columns=needed,
-                    column_types={icfg.url_col: pa.binary(), icfg.caption_col: pa.binary()}),
-            )
+            return pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=pacsv.ConvertOptions(
+                include_columns=needed, column_types={icfg.url_col: pa.binary(), icfg.caption_col: pa.binary()}))
         return _read_jsonl(path, needed)
     except InputError:
         raise
