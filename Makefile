@@ -18,7 +18,7 @@ CONFIG ?=
 ARGS ?=
 FAST ?=
 
-.PHONY: setup setup-system test shards bench clean help
+.PHONY: setup setup-system test shards bench clean help cluster-up cluster-down
 
 help:
 	@echo "make setup   - create .venv and install the pinned stack (idempotent)"
@@ -43,11 +43,24 @@ test: setup setup-system
 	@set +e; $(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
+# No URLS: the embedded Fashion-MNIST demo (needs Debian's dataset-fashion-mnist: setup-system).
 shards: setup
-	$(PYTHON) -m pipeline run $(if $(URLS),--urls $(URLS),--demo $(if $(FAST),--fast)) --out $(OUT) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+ifeq ($(URLS),)
+	@$(MAKE) --no-print-directory setup-system
+	$(PYTHON) -m pipeline demo --out $(OUT) $(if $(FAST),--fast) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+else
+	$(PYTHON) -m pipeline run --urls $(URLS) --out $(OUT) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+endif
 
 bench: setup
 	$(PYTHON) -m benchmarks.run
 
 clean:
 	rm -rf data runs demo .pytest_cache
+
+# A throw-away 2-node SLURM cluster on this machine (root): for trying slurm/*.sh and train.launch.
+cluster-up:
+	bash slurm/cluster.sh up
+
+cluster-down:
+	bash slurm/cluster.sh down

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from pipeline import run as stages  # noqa: E402
 from pipeline.config import ConfigError, load_config, to_yaml  # noqa: E402
+from pipeline.manifest import atomic_write_text  # noqa: E402
 from pipeline.settings import IngestConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ def resolve_config(args, out: Path) -> IngestConfig:
     work = stages.work_dir(cfg, out)
     work.mkdir(parents=True, exist_ok=True)
     if not saved.exists() or args.config or args.overrides:
-        (work / "config.yaml").write_text(to_yaml(cfg))
+        atomic_write_text(work / "config.yaml", to_yaml(cfg))  # array tasks may race here
     return cfg
 
 
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
         if name in ("run", "parts"):
             p.add_argument("--urls", required=True, help="URL list file, or a folder of parts")
+        elif name != "demo":  # accepted (and unused) so that one argument list serves every stage
+            p.add_argument("--urls", default=None, help=argparse.SUPPRESS)
         if name == "part":
             p.add_argument("--index", type=int, required=True)
         if name in ("dedup", "reshard"):
