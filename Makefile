@@ -18,13 +18,16 @@ CONFIG ?=
 ARGS ?=
 FAST ?=
 
-.PHONY: setup setup-system test shards bench clean help cluster-up cluster-down
+.PHONY: setup setup-system test shards bench clean help cluster-up cluster-down demo pretrain finetune eval
 
 help:
 	@echo "make setup   - create .venv and install the pinned stack (idempotent)"
 	@echo "make test    - setup + the whole test suite"
 	@echo "make shards  - URL list -> img2dataset -> filtered, deduplicated WebDataset shards"
 	@echo "make bench   - run benchmarks/ and rewrite BENCHMARKS.md"
+	@echo "make demo    - shards, CLIP/CyCLIP pretraining, plain/m2-Mix fine-tuning, evaluation, demo/REPORT.md (FAST=1: minutes)"
+	@echo "make pretrain / finetune - configs/pretrain_cyclip.yaml / finetune_m2mix.yaml on $(RANKS) local ranks (CONFIG=, ARGS=)"
+	@echo "make eval RUN_DIR=runs/X - evaluate a run on the held-out test split (ARGS='max_samples=1000')"
 
 setup: $(STAMP)
 
@@ -54,6 +57,28 @@ endif
 
 bench: setup
 	$(PYTHON) -m benchmarks.run
+
+# Training on local ranks: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; on CPU every rank uses gloo.
+RANKS ?= 2
+RUN_DIR ?=
+DEMO_OUT ?= demo
+TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(RANKS)
+
+pretrain: setup
+	$(TORCHRUN) -m train --config $(or $(CONFIG),configs/pretrain_cyclip.yaml) $(ARGS)
+
+finetune: setup
+	$(TORCHRUN) -m train --config $(or $(CONFIG),configs/finetune_m2mix.yaml) $(ARGS)
+
+eval: setup
+	@test -n "$(RUN_DIR)" || { echo "usage: make eval RUN_DIR=runs/pretrain_cyclip [ARGS='max_samples=1000']"; exit 2; }
+	$(PYTHON) -m train.evaluate --checkpoint $(RUN_DIR) dataset=data/fmnist_test split=test $(ARGS)
+
+# Stage 1 of train.demo is `python -m pipeline demo` (what `make shards` runs) with the sizes of
+# configs/demo/{full,fast}.yaml, skipped when the data set exists; then training, evaluation, report.
+demo: setup
+	@$(MAKE) --no-print-directory setup-system
+	$(PYTHON) -m train.demo --out $(DEMO_OUT) $(if $(FAST),--fast) $(ARGS)
 
 clean:
 	rm -rf data runs demo .pytest_cache

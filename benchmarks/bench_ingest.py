@@ -74,6 +74,8 @@ def _dedup_throughput(n_rows: int, partitions: int) -> float:
                 "sha256": [f"{rng.randrange(int(n_rows * 0.95)):064x}" for _ in range(rows)],
                 "caption": ["a caption"] * rows, "tar": ["t"] * rows, "offset": [0] * rows, "size": [1] * rows,
             }), work / "filter" / f"part-{part:05d}.parquet")
+            # the filter stage's marker: tells the dedup stage the data is big enough for a process pool
+            (work / "filter" / f"part-{part:05d}.json").write_text(f'{{"kept": {rows}}}')
         cfg = IngestConfig()
         cfg.dedup.partitions = partitions
         cfg.workers = 2

@@ -7,7 +7,6 @@ the original sizes img2dataset recorded. Image bytes are located by reading tar 
 from __future__ import annotations
 
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Tuple
@@ -15,6 +14,7 @@ from typing import Dict, Tuple
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from wids.wids_mmtar import MMIndexedTar
 
 from pipeline.download import classify_failure, part_dir
 from pipeline.manifest import atomic_write_text
@@ -24,14 +24,20 @@ KEPT_COLUMNS = ["row_key", "url", "caption", "sha256", "width", "height", "origi
 
 
 def tar_index(path: Path, ext: str) -> Dict[str, Tuple[int, int]]:
-    """{img2dataset key: (data offset, size)} of the image members, from the tar headers alone."""
-    index = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, _, member_ext = member.name.rpartition(".")
-            if member.isfile() and member_ext == ext:
-                index[key] = (member.offset_data, member.size)
-    return index
+    """{img2dataset key: (data offset, size)} of the image members, from the tar headers alone.
+
+    wids' mmap indexer (webdataset's, used for random access by the trainer too) is ~15x faster
+    than tarfile here, which parses the PAX header of every member in Python."""
+    tar = MMIndexedTar(str(path), verbose=False)
+    try:
+        index = {}
+        for name, header_offset, size in tar.by_index:
+            key, _, member_ext = name.rpartition(".")
+            if member_ext == ext:
+                index[key] = (header_offset + 512, size)  # data follows its 512-byte header
+        return index
+    finally:
+        tar.close()
 
 
 def image_reason(width: int, height: int, rules: ImageRules) -> str | None:

@@ -96,21 +96,34 @@ def run_download(n_parts: int, cfg: IngestConfig, work: Path) -> list:
     return [download_part(i, cfg, work) for i in range(n_parts)]
 
 
+# Below this many rows a stage runs in-process: forking a pool costs more than it saves.
+POOL_MIN_ROWS = 50_000
+
+
+def _workers_for(cfg: IngestConfig, work: Path, stage_dir: str, key: str) -> int:
+    """cfg.workers, or 1 when the previous stage's markers say the data is small."""
+    rows = sum(json.loads(m.read_text()).get(key, 0) for m in (work / stage_dir).glob("part-*.json"))
+    return cfg.workers if rows >= POOL_MIN_ROWS else 1
+
+
 def run_filter(n_parts: int, cfg: IngestConfig, work: Path) -> list:
-    return _each("filter", _Unit(filter_part, cfg, work), range(n_parts), cfg.workers)
+    workers = _workers_for(cfg, work, "input", "accepted")
+    return _each("filter", _Unit(filter_part, cfg, work), range(n_parts), workers)
 
 
 def run_dedup(n_parts: int, cfg: IngestConfig, work: Path) -> None:
     P = cfg.dedup.partitions
-    _each("scatter", _Unit(scatter_part, cfg, work), range(n_parts), cfg.workers)
-    _each("dedup-url", _Unit(reduce_url, n_parts, cfg, work), range(P), cfg.workers)
-    _each("dedup-img", _Unit(reduce_content, cfg, work), range(P), cfg.workers)
+    workers = _workers_for(cfg, work, "filter", "kept")
+    _each("scatter", _Unit(scatter_part, cfg, work), range(n_parts), workers)
+    _each("dedup-url", _Unit(reduce_url, n_parts, cfg, work), range(P), workers)
+    _each("dedup-img", _Unit(reduce_content, cfg, work), range(P), workers)
 
 
 def run_reshard(cfg: IngestConfig, work: Path, out: Path, only: int | None = None) -> None:
     shard_plan = plan(cfg, work)
     partitions = range(cfg.dedup.partitions) if only is None else [only]
-    _each("reshard", _Unit(reshard_partition, cfg, work, out, shard_plan), partitions, cfg.workers)
+    workers = _workers_for(cfg, work, "filter", "kept")
+    _each("reshard", _Unit(reshard_partition, cfg, work, out, shard_plan), partitions, workers)
 
 
 def run_part(i: int, files: List[Path], cfg: IngestConfig, work: Path) -> None:

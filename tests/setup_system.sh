@@ -4,6 +4,10 @@
 set -euo pipefail
 need=()
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+# The throw-away SLURM cluster of the orchestration tests (slurm/cluster.sh).
+for pkg in slurmctld slurmd slurm-client munge; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup-system: not root, not installing: ${need[*]} (tests that need them will skip)"

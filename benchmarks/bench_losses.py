@@ -1,0 +1,130 @@
+"""Losses at global batch: CyCLIP regularisers (Gram vs naive N×N) and CLIP local loss memory.
+
+Each case runs in a fresh subprocess (`python -m benchmarks.bench_losses CASE_JSON`) so that its
+peak memory is its own: peak = ru_maxrss after the fwd+bwd minus ru_maxrss just before it (inputs
+already allocated), i.e. the extra resident memory the computation needed at its high-water mark.
+Peak memory is taken on the first call. Times are fwd+bwd wall clock, the best of 3 calls (one call
+for naive at N ≥ 8k and for the CLIP memory cases, whose point is memory).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+D = 512
+NAIVE_MAX_N = 16384    # naive peak measured 1.3 GiB at 8k, so ~5 GiB at 16k: fits the 24 GiB machine
+
+
+def naive_cyclip(image, text):
+    """CyCLIP's own formulation: full N×N similarity matrices on every rank."""
+    n = image.shape[0]
+    in_modal = (image @ image.T - text @ text.T).square().sum() / n
+    cross = image @ text.T
+    return in_modal, (cross - cross.T).square().sum() / n
+
+
+def _measure(case: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from train.losses import GlobalBatch, _clip, cyclic_regularizers
+
+    torch.manual_seed(0)
+    n, d = case["n"], case["d"]
+    image = F.normalize(torch.randn(n, d), dim=-1).requires_grad_()
+    text = F.normalize(image.detach() + torch.randn(n, d), dim=-1).requires_grad_()
+    scale = torch.tensor(1 / 0.07)
+
+    if case["kind"] in ("gram", "naive"):
+        fn = cyclic_regularizers if case["kind"] == "gram" else naive_cyclip
+
+        def step():
+            c_in, c_cross = fn(image, text)
+            (c_in + c_cross).backward()
+            return [c_in.item(), c_cross.item()]
+    else:
+        # One rank's share after the all-gather: its b = N/W rows against all N gathered columns,
+        # the exact tensors train.losses builds on a rank (W = 1 is the full N×N logits).
+        b = n // case["world"]
+
+        def step():
+            local_image, local_text = image[:b], text[:b]
+            batch = GlobalBatch(local_image, local_text, image, text, offset=0, global_rows=n,
+                                world_size=case["world"])
+            loss = _clip(batch, scale)
+            loss.backward()
+            return [loss.item()]
+
+    # Memory from the first (cold) call: a warm-up would already have raised the high-water mark.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(case.get("repeats", 3)):
+        image.grad = text.grad = None
+        start = time.perf_counter()
+        values = step()
+        times.append(time.perf_counter() - start)
+        if len(times) == 1:
+            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    return {"seconds": min(times), "peak_mib": peak_kib / 1024, "values": values}
+
+
+def _run_case(case: dict) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_losses", json.dumps(case)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cyclip_table(sizes: list[int], d: int) -> list[str]:
+    lines = ["| N | naive s | Gram s | speed-up | naive peak MiB | Gram peak MiB | memory ratio | max rel. diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in sizes:
+        gram = _run_case({"kind": "gram", "n": n, "d": d})
+        if n <= NAIVE_MAX_N:
+            naive = _run_case({"kind": "naive", "n": n, "d": d, "repeats": 3 if n < 8192 else 1})
+            diff = max(abs(a - b) / abs(b) for a, b in zip(gram["values"], naive["values"]))
+            lines.append(f"| {n} | {naive['seconds']:.3f} | {gram['seconds']:.3f} | "
+                         f"{naive['seconds'] / gram['seconds']:.1f}x | {naive['peak_mib']:.0f} | "
+                         f"{gram['peak_mib']:.1f} | {naive['peak_mib'] / max(gram['peak_mib'], 0.1):.0f}x | "
+                         f"{diff:.1e} |")
+        else:
+            lines.append(f"| {n} | (skipped) | {gram['seconds']:.3f} | | | {gram['peak_mib']:.1f} | | |")
+    return lines
+
+
+def _clip_table(n: int, d: int, worlds: list[int]) -> list[str]:
+    full = _run_case({"kind": "clip", "n": n, "d": d, "world": 1, "repeats": 1})
+    lines = [f"| ranks W | rows per rank b | logits per rank | peak MiB per rank | vs full N×N ({full['peak_mib']:.0f} MiB) |",
+             "|---|---|---|---|---|"]
+    for world in worlds:
+        local = _run_case({"kind": "clip", "n": n, "d": d, "world": world, "repeats": 1})
+        lines.append(f"| {world} | {n // world} | {n // world}×{n} | {local['peak_mib']:.1f} | "
+                     f"{full['peak_mib'] / max(local['peak_mib'], 0.1):.1f}x less |")
+    return lines
+
+
+def run(quick: bool) -> str:
+    d = 128 if quick else D
+    sizes = [512, 1024, 2048] if quick else [1024, 4096, 8192, 16384]
+    clip_n = 2048 if quick else 16384
+    out = ["## Losses: CyCLIP regularisers (Gram vs naive) and CLIP local-loss memory", "",
+           f"CyCLIP C_in + C_cross, forward + backward, fp32, d = {d}. Naive: the N×N similarity",
+           "matrices of CyCLIP's reference; Gram: `train.losses.cyclic_regularizers` (three d×d",
+           "Gram matrices, combined in fp64). Peak = extra resident memory of the fwd+bwd in a fresh",
+           "subprocess (ru_maxrss after minus before; inputs allocated before). The max relative",
+           "difference is between the two values of the same run.", ""]
+    out += _cyclip_table(sizes, d)
+    out += ["", f"CLIP loss, forward + backward, fp32, N = {clip_n}, d = {d}: one rank's local loss (its",
+            "b = N/W rows against all N all-gathered columns, as `train.losses.clip_loss` computes it)",
+            "against the full N×N logits (W = 1). Per-rank memory falls as 1/W; the gathered N×d",
+            "features are the same in both.", ""]
+    out += _clip_table(clip_n, d, [2, 8, 64])
+    out += ["", "No GPU is lent to this task, so no bf16 GPU figures here (issue 4 asks for them when",
+            "the device tool lends one)."]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_measure(json.loads(sys.argv[1]))))

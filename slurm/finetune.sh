@@ -1,0 +1,24 @@
+#!/bin/bash
+# Fine-tuning (m²-Mix by default) on SLURM: one task per GPU.
+#   sbatch [--nodes=16 --time=...] slurm/finetune.sh [CONFIG] [key=value ...]
+# Every #SBATCH default below can be overridden on the sbatch command line. On the time-limit warning
+# the trainer checkpoints and this job requeues itself; the requeued job resumes from `latest`.
+#SBATCH --job-name=clip-finetune
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=4:00:00
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -uo pipefail
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  # sbatch runs a spooled copy of this file; the job record still names the original path.
+  here=$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n1)")
+else
+  here=$(dirname "${BASH_SOURCE[0]}")
+fi
+source "$here/_common.sh"
+run_training configs/finetune_m2mix.yaml "$@"

@@ -1,0 +1,213 @@
+"""End-to-end evaluation on a real tiny open_clip model trained here on real (sklearn digits) images."""
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tests.data_fixtures import CLASS_NAMES, TEMPLATES, make_digits_dataset
+from train import metrics
+from train.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from train.evaluate.__main__ import main
+from train.evaluate.compare import group_runs
+from train.evaluate.data import iter_samples
+from train.periodic_eval import evaluate_model
+
+# Small enough to train on 2 CPU cores in seconds; registered with open_clip from a JSON file like a
+# real export, so the CLI's loading path is the one a trained run uses.
+TINY_CFG = {"embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8,
+                           "pool_type": "avg"},
+            "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    Image.open(io.BytesIO(data)).verify()  # raises on a truncated or corrupt file
+
+
+# ---- corruptions --------------------------------------------------------------------------------
+
+def test_corruptions_are_deterministic_per_key_and_grow_with_severity():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.uniform(size=(28, 28)) * 255).astype(np.uint8), "L")
+    base = np.asarray(img, dtype=np.float32)
+    for name in CORRUPTIONS:
+        diffs = []
+        for severity in SEVERITIES:
+            a, b = corrupt(img, name, severity, "00000000000001"), corrupt(img, name, severity, "00000000000001")
+            assert a.tobytes() == b.tobytes(), name
+            assert a.size == img.size and a.mode == img.mode
+            diffs.append(np.abs(np.asarray(a, dtype=np.float32) - base).mean())
+        assert 0 < diffs[0] < diffs[1] < diffs[2], (name, diffs)
+    noisy = [corrupt(img, "gaussian_noise", 2, k).tobytes() for k in ("00000000000001", "00000000000002")]
+    assert noisy[0] != noisy[1]  # the seed comes from the key
+    with pytest.raises(ValueError):
+        corrupt(img, "fog", 1, "k")
+
+
+def test_contrast_keeps_the_mean_and_rotation_keeps_a_symmetric_image():
+    img = Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1)), "L")
+    low = np.asarray(corrupt(img, "contrast", 3, "k"), dtype=np.float32)
+    assert abs(low.mean() - np.asarray(img).mean()) < 1.0 and low.std() < 0.2 * np.asarray(img).std()
+    flat = Image.new("RGB", (16, 16), (40, 80, 120))
+    assert corrupt(flat, "rotation", 3, "k").tobytes() == flat.tobytes()  # border fill: no black corners
+
+
+# ---- a tiny trained model -----------------------------------------------------------------------
+
+def clip_loss(image_features, text_features, logit_scale):
+    logits = logit_scale.exp() * image_features @ text_features.T
+    labels = torch.arange(len(logits))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(dataset folder, model name, model, eval transform, tokenizer, loss log) after 120 steps of CLIP."""
+    import open_clip
+
+    root = tmp_path_factory.mktemp("eval")
+    data = make_digits_dataset(root / "digits", n_train=512, n_val=200, shard_size=128, image_size=32)
+    cfg_dir = root / "model_cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "eval_test_tiny.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(cfg_dir)
+    torch.manual_seed(0)
+    model, _, eval_transform = open_clip.create_model_and_transforms("eval_test_tiny")
+    tokenizer = open_clip.get_tokenizer("eval_test_tiny")
+    samples = list(iter_samples(data, "train"))
+    images = torch.stack([eval_transform(s.image.convert("RGB")) for s in samples])
+    tokens = tokenizer([s.caption for s in samples])
+    # Why these choices: mean-pooled patches (not a class token) and a frozen random token embedding
+    # leave the 2-core run out of CLIP's early collapse sooner; batches of 2 images per class avoid
+    # duplicate class-level captions among the negatives.
+    model.token_embedding.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    by_class = {c: [i for i, s in enumerate(samples) if s.label == c] for c in range(10)}
+    gen, log = torch.Generator().manual_seed(0), []
+    for step in range(120):
+        idx = torch.tensor([by_class[c][int(torch.randint(len(by_class[c]), (1,), generator=gen))]
+                            for c in range(10) for _ in range(2)])
+        img_f = F.normalize(model.encode_image(images[idx]), dim=-1)
+        txt_f = F.normalize(model.encode_text(tokens[idx]), dim=-1)
+        loss = clip_loss(img_f, txt_f, model.logit_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        log.append({"step": step, "loss": loss.item(), "clip": loss.item(), "lr": 1e-3,
+                    "logit_scale": model.logit_scale.exp().item(), "samples_per_s": 100.0})
+    model.eval()
+    return data, model, eval_transform, tokenizer, log
+
+
+def test_zero_shot_of_trained_tiny_model_is_above_chance(trained):
+    data, model, eval_transform, tokenizer, _ = trained
+    out = evaluate_model(model, tokenizer, eval_transform, str(data), "val", 200, CLASS_NAMES, TEMPLATES)
+    assert out["num_samples"] == 200
+    assert out["zero_shot_top1"] > 0.1 + 0.1, out  # chance is 0.1 on 10 classes (σ ≈ 0.02 at n=200)
+    assert out["zero_shot_top5"] >= out["zero_shot_top1"]
+    assert out["i2t_R_at_1"] > 1 / 40  # 40 distinct captions (4 templates x 10 classes)
+
+
+def test_periodic_eval_restores_mode_and_matches_a_manual_computation(trained):
+    data, model, eval_transform, tokenizer, _ = trained
+    model.train()
+    out = evaluate_model(model, tokenizer, eval_transform, str(data), "val", 50, CLASS_NAMES, TEMPLATES)
+    assert model.training
+    model.eval()
+    # Independent reference: encode sample by sample, prompt-ensemble by hand.
+    samples = list(iter_samples(data, "val", 50))
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(torch.stack([eval_transform(s.image.convert("RGB")) for s in samples])), dim=-1)
+        classes = []
+        for name in CLASS_NAMES:
+            t = F.normalize(model.encode_text(tokenizer([tpl.format(name) for tpl in TEMPLATES])), dim=-1).mean(0)
+            classes.append(t / t.norm())
+        pred = (img @ torch.stack(classes).T).argmax(1)
+    top1 = (pred == torch.tensor([s.label for s in samples])).float().mean().item()
+    assert out["zero_shot_top1"] == pytest.approx(top1)
+
+
+def write_run(run_dir: Path, model, log, loss_overrides: dict, seed: int):
+    """A run folder as the trainer leaves it: config.yaml, metrics.jsonl, export/."""
+    (run_dir / "export").mkdir(parents=True)
+    torch.save(model.state_dict(), run_dir / "export" / "model.pt")
+    (run_dir / "export" / "model_config.json").write_text(json.dumps(TINY_CFG))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    loss = "\n".join(f"  {k}: {v}" for k, v in loss_overrides.items())
+    (run_dir / "config.yaml").write_text(
+        f"model:\n  name: tiny\nloss:\n{loss}\nrun:\n  run_dir: {run_dir}\n  seed: {seed}\n")
+
+
+def test_cli_writes_report_and_plots_and_compare_groups_seeds(trained, tmp_path):
+    data, model, _, _, log = trained
+    runs = [tmp_path / "clip_s0", tmp_path / "clip_s1", tmp_path / "cyclip_s0"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, (run, lam) in enumerate(zip(runs, (0.0, 0.0, 0.25))):
+        # Different weights per run so the spread over seeds is not zero.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * i * torch.randn_like(p))
+        write_run(run, model, log, {"cyclip_in": lam}, seed=i)
+        model.load_state_dict(state)
+        overrides = [f"dataset={data}", "split=val", "max_samples=120", "corruptions=[blur,rotation]",
+                     "severities=[1,3]", f"templates={json.dumps(TEMPLATES)}"]
+        assert main(["--checkpoint", str(run)] + overrides) == 0
+
+    out = json.loads((runs[0] / "eval" / "eval.json").read_text())
+    assert out["dataset"]["num_samples"] == 120 and out["dataset"]["num_classes"] == 10
+    zs = out["zero_shot"]
+    assert zs["top1"] > 0.15 and 0 <= zs["ece"] <= 1 and 0 <= zs["consistency"] <= 1
+    assert sum(out["calibration"]["count"]) == 120 and len(out["calibration"]["count"]) == 15
+    assert set(out["shift"]) == {"blur", "rotation"} and set(out["shift"]["blur"]) == {"1", "3"}
+    distinct = len({s.caption for s in iter_samples(data, "val", 120)})
+    assert out["retrieval"]["num_texts"] == distinct and out["retrieval"]["relevance"] == "caption"
+    for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
+        assert 0 <= out["retrieval"][k] <= 1
+    emb = out["embedding"]
+    assert emb["pairs"] == "caption" and emb["C_in"] >= 0 and 0 <= emb["alignment"] <= 4
+    assert out["robustness"]["shifted_top1"] == pytest.approx(
+        np.mean([m["top1"] for sev in out["shift"].values() for m in sev.values()]))
+    md = (runs[0] / "eval" / "eval.md").read_text()
+    assert "| top-1 |" in md and "Relevance" in md
+    for png in ("reliability.png", "corruptions.png", "training.png"):
+        assert_png(runs[0] / "eval" / png)
+
+    groups = group_runs(runs)
+    assert [[p.name for p in g] for g in groups] == [["clip_s0", "clip_s1"], ["cyclip_s0"]]
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
+    cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    clip = cmp["groups"][0]["metrics"]["zero_shot.top1"]
+    seeds = [json.loads((r / "eval" / "eval.json").read_text())["zero_shot"]["top1"] for r in runs[:2]]
+    assert clip["n"] == 2 and clip["mean"] == pytest.approx(np.mean(seeds))
+    assert clip["spread"] == pytest.approx(np.std(seeds, ddof=1))
+    assert "cyclip_in" in cmp["groups"][1]["config_difference"]
+    assert "±" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert_png(tmp_path / "cmp" / "metric_bars.png")
+    er = [cmp["per_run"][str(r)]["robustness.effective"] for r in runs[:2]]
+    assert abs(sum(er)) < 1e-6 or math.isclose(er[0], -er[1], abs_tol=1e-3)  # baseline residuals cancel
+
+
+def test_retrieval_relevance_definitions():
+    from train.evaluate.core import retrieval_groups
+
+    captions, labels = ["a cat", "a dog", "a cat"], [0, 1, 0]
+    texts, img_g, txt_g = retrieval_groups(captions, labels, "caption")
+    assert texts == ["a cat", "a dog"] and img_g.tolist() == [0, 1, 0] and txt_g.tolist() == [0, 1]
+    texts, img_g, txt_g = retrieval_groups(captions, labels, "instance")
+    assert texts == captions and img_g.tolist() == txt_g.tolist() == [0, 1, 2]
+    texts, img_g, txt_g = retrieval_groups(captions, labels, "label")
+    assert img_g.tolist() == txt_g.tolist() == labels
+    # With merged duplicates, perfect features give R@1 = 1 both ways.
+    feats = F.normalize(torch.eye(2), dim=1)
+    r = metrics.retrieval_recalls(feats[img_g_caption := torch.tensor([0, 1, 0])], feats, img_g_caption,
+                                  torch.arange(2))
+    assert r["i2t_R@1"] == 1.0 and r["t2i_R@1"] == 1.0

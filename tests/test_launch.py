@@ -1,0 +1,158 @@
+"""train/launch.py (submitit): results, preemption requeue and job arrays, on the local executor and on
+the real 2-node SLURM cluster, with the toy trainer of tests/slurm_cluster.py (same contract as
+train.trainer.main); the last test sweeps the real trainer. The real trainer under slurm/*.sh (requeue,
+scancel, equality with torchrun) is tested in tests/test_slurm.py."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.slurm_cluster import ROOT, job_info, read_steps, slurm_cluster, wait_for  # noqa: F401 (fixture)
+from train.launch import TrainingJob, grid_points, point_name, submit, sweep
+
+TOY = "tests.slurm_cluster:toy_main"
+
+
+def results(job, timeout: float = 180):
+    """job.results() with a deadline: without sacct submitit cannot tell a dead job from a slow one."""
+    deadline = time.monotonic() + timeout
+    while not job.done():
+        if time.monotonic() > deadline:
+            job.cancel()
+            raise TimeoutError(f"job {job.job_id} gave no result in {timeout}s; stderr:\n{job.stderr()}")
+        time.sleep(0.5)
+    return job.results()
+
+
+def check_steps(run_dir, steps_total: int, ranks=(0, 1), min_starts: int = 1) -> list[dict]:
+    """Every rank saw steps 1..steps_total exactly once (no lost, no repeated step)."""
+    steps = read_steps(run_dir)
+    for rank in ranks:
+        mine = [s for s in steps if s["rank"] == rank]
+        assert [s["step"] for s in mine] == list(range(1, steps_total + 1)), rank
+        assert len({s["start"] for s in mine}) >= min_starts
+    return steps
+
+
+# --- pure functions ---------------------------------------------------------------------------
+
+def test_grid_points_are_the_product_in_order():
+    grid = {"loss.cyclip_in_modal": [0, 0.25], "run.seed": [0, 1]}
+    assert grid_points(grid) == [{"loss.cyclip_in_modal": 0, "run.seed": 0},
+                                 {"loss.cyclip_in_modal": 0, "run.seed": 1},
+                                 {"loss.cyclip_in_modal": 0.25, "run.seed": 0},
+                                 {"loss.cyclip_in_modal": 0.25, "run.seed": 1}]
+    assert point_name({"loss.cyclip_in_modal": 0.25, "run.seed": 1}) == "cyclip_in_modal-0.25_seed-1"
+    assert point_name({"model.name": "ViT B/32"}) == "name-ViT-B-32"
+
+
+def test_checkpoint_resubmits_the_same_call_resuming_from_latest():
+    job = TrainingJob(TOY)
+    again = job.checkpoint("c.yaml", ["a=1", "run.resume=latest", "run.resume=/some/ckpt"])
+    assert again.function is job
+    # resume=latest last, so that it wins over a checkpoint the user named for the first start.
+    assert again.args == ("c.yaml", ["a=1", "run.resume=/some/ckpt", "run.resume=latest"])
+
+
+def test_local_cluster_has_one_node():
+    with pytest.raises(ValueError, match="nodes must be 1"):
+        submit("c.yaml", cluster="local", nodes=2, entry=TOY)
+
+
+# --- the local executor -----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_local_two_ranks_return_results_and_survive_preemption(tmp_path):
+    """cluster="local": 2 tasks rendezvous; SIGTERM (a preemption) mid-run -> checkpoint, requeue,
+    resume; the result arrives once, after the resumed run."""
+    run_dir, total = tmp_path / "run", 24
+    job = submit("my.yaml", [f"run.run_dir={run_dir}", f"optim.steps={total}", "toy.step_s=0.1"],
+                 cluster="local", tasks_per_node=2, time=5, folder=tmp_path / "submitit", entry=TOY)
+    wait_for(lambda: len(read_steps(run_dir)) >= 6, timeout=90, what="a few steps")
+    job._process.send_signal(signal.SIGTERM)  # submitit's local controller forwards it to the tasks
+    out = results(job)
+    assert [r["rank"] for r in out] == [0, 1] and all(r["world_size"] == 2 for r in out)
+    assert out[0]["step"] == total and out[0]["start"] > 0
+    assert out[0]["argv"][-1] == "run.resume=latest"
+    check_steps(run_dir, total, min_starts=2)
+
+
+# --- SLURM ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_two_nodes_results_and_requeue_on_signal(slurm_cluster, tmp_path):
+    """2 nodes x 1 task through sbatch; SIGUSR1 (the time-limit warning submit() asks SLURM for)
+    -> checkpoint, `scontrol requeue`, the same job id resumes from latest."""
+    run_dir, total = tmp_path / "run", 40
+    job = submit("my.yaml", [f"run.run_dir={run_dir}", f"optim.steps={total}", "toy.step_s=0.1"],
+                 nodes=2, tasks_per_node=1, cpus_per_task=1, time=10, signal_delay_s=120,
+                 folder=tmp_path / "submitit", entry=TOY)
+    info = job_info(job.job_id)
+    assert info["NumNodes"].startswith("2") and info["Requeue"] == "1", info
+    wait_for(lambda: len(read_steps(run_dir)) >= 6, timeout=90, what="a few steps")
+    subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True)
+    out = results(job)
+    assert [r["rank"] for r in out] == [0, 1]
+    assert out[0]["master"] == f"n1:{20000 + int(job.job_id) % 20000}"
+    assert out[0]["start"] > 0 and out[0]["step"] == total
+    assert job_info(job.job_id)["Restarts"] == "1"
+    check_steps(run_dir, total, min_starts=2)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_sweep_is_a_job_array_with_one_run_dir_per_point(slurm_cluster, tmp_path):
+    grid = {"seed": [0, 1]}
+    jobs = sweep("my.yaml", grid, [f"run.run_dir={tmp_path}/sweep", "optim.steps=3", "toy.step_s=0.05"],
+                 nodes=1, tasks_per_node=1, cpus_per_task=1, time=10, folder=tmp_path / "submitit", entry=TOY)
+    array_ids = {job.job_id.split("_")[0] for job in jobs}
+    assert len(jobs) == 2 and len(array_ids) == 1, [j.job_id for j in jobs]  # one array, 2 tasks
+    for job, seed in zip(jobs, (0, 1)):
+        (out,) = results(job)
+        assert out["step"] == 3 and f"seed={seed}" in out["argv"]
+        steps = check_steps(tmp_path / "sweep" / f"seed-{seed}", 3, ranks=(0,))
+        assert {s["seed"] for s in steps} == {str(seed)}
+
+
+@pytest.mark.slow
+def test_cli_submits_locally_and_prints_the_result(tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "train.launch", "--entry", TOY, "--config", "my.yaml",
+                          "--cluster", "local", "--folder", str(tmp_path / "s"), "--wait",
+                          f"run.run_dir={run_dir}", "optim.steps=2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert '"step": 2' in out.stdout and "submitted" in out.stdout
+    check_steps(run_dir, 2, ranks=(0,))
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_sweep_of_the_trainer_over_cyclip_lambda_completes_both_points(slurm_cluster, tmp_path):
+    from tests.data_fixtures import make_digits_dataset
+
+    dataset = make_digits_dataset(tmp_path / "ds", n_train=64, n_val=16, shard_size=32)
+    jobs = sweep(ROOT / "configs" / "pretrain_cyclip.yaml", {"loss.cyclip_in_modal": [0.0, 0.25]},
+                 [f"data.path={dataset}", f"run.run_dir={tmp_path}/sweep", "optim.steps=3", "data.global_batch_size=16",
+                  "data.num_workers=0", "loss.cyclip_cross_modal=0.0", "logging.progress_bar=false",
+                  "logging.tensorboard=false", "checkpoint.export=false"],
+                 nodes=1, tasks_per_node=1, cpus_per_task=1, time=10, folder=tmp_path / "submitit")
+    assert len({job.job_id.split("_")[0] for job in jobs}) == 1  # one job array
+    losses = []
+    for job, lam in zip(jobs, ("0.0", "0.25")):
+        (out,) = results(job, timeout=300)
+        assert (out["exit_code"], out["step"]) == (0, 3)
+        run_dir = tmp_path / "sweep" / f"cyclip_in_modal-{lam}"
+        assert out["run_dir"] == str(run_dir)
+        losses.append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
+    # lambda = 0: the loss is the CLIP term alone; lambda = 0.25 adds the in-modal regulariser.
+    assert all(m["loss"] == m["clip"] for m in losses[0])
+    assert all(m["loss"] != m["clip"] for m in losses[1])

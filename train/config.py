@@ -1,0 +1,153 @@
+"""The trainer's configuration schema: one dataclass per concern, a docstring per field.
+
+Loaded with ``pipeline.config.load_config(TrainConfig, yaml, ["key=value", ...])``; pretraining and
+fine-tuning differ only in these values (the loss composition included), never in code paths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipeline.config import ConfigError
+from train.losses import LossConfig
+from train.model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/fmnist"
+    """Dataset folder with manifest.json (the ingestion stage's output)."""
+    split: str = "train"
+    """Manifest split to train on."""
+    global_batch_size: int = 64
+    """Samples per optimizer step over all ranks: the set of negatives of the contrastive loss."""
+    accum_freq: int = 1
+    """Micro-batches per optimizer step on each rank; features are cached so all negatives are kept."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (decode + augment); 0 decodes in the training process."""
+    streaming: bool = False
+    """Stream resampled shards with webdataset instead of wids random access (resume is approximate)."""
+    shuffle_buffer: int = 1000
+    """Streaming path only: sample shuffle buffer size."""
+    max_substitutions: int = 16
+    """How many replacement samples to try for one corrupt sample before giving up on the batch."""
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 40
+    """Total optimizer steps of the run."""
+    lr: float = 5e-4
+    """Peak learning rate (after warmup)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 5
+    """Linear warmup steps from 0 to ``lr``."""
+    weight_decay: float = 0.2
+    """AdamW weight decay on weight matrices (never on gains, biases or logit_scale)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold (0 disables)."""
+    max_logit_scale: float = 100.0
+    """Upper bound of exp(logit_scale) (CLIP's clamp)."""
+    max_nonfinite_steps: int = 5
+    """Abort after this many consecutive steps with a NaN/inf loss (each one is skipped and counted)."""
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 1
+    """ZeRO stage 0-3 (0 = plain data parallel)."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with backward (worth it on GPU)."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient-reduction bucket."""
+    allgather_bucket_size: int = 50_000_000
+    """Elements per parameter all-gather bucket (stages 1-2)."""
+    offload_optimizer: bool = False
+    """Stage 2/3: keep optimizer states in CPU memory."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 20
+    """Save a sharded checkpoint every this many optimizer steps (and always at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep (older ones are deleted after a newer one is complete)."""
+    export: bool = True
+    """Write RUN_DIR/export/model.pt (plain open_clip state dict) at the end of training."""
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 1
+    """Write metrics.jsonl / TensorBoard every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under RUN_DIR/tensorboard."""
+    progress_bar: bool = True
+    """tqdm bar on rank 0 (samples/s and loss terms)."""
+    log_sample_keys: bool = False
+    """Write RUN_DIR/sample_keys/rank{R}.jsonl: the keys of every sample each rank trained on, per step."""
+    eval_every_steps: int = 0
+    """Run train/periodic_eval.py (zero-shot, retrieval, alignment) every this many steps (0 = never)."""
+    eval_split: str = "val"
+    """Split of data.path the periodic evaluation reads."""
+    eval_max_samples: int = 512
+    """Samples of that split the periodic evaluation uses."""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    """Output folder: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, export/."""
+    seed: int = 0
+    """Seed of the data order, augmentations, model init and the mixup lambda sampler."""
+    resume: str = ""
+    """'' starts fresh; 'latest' continues from RUN_DIR/checkpoints/latest (fresh if none); or a checkpoint dir."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
+    stop_after_steps: int = 0
+    """Stop (with a checkpoint) after this many steps of *this process*, as a time-limited job would (0 = off)."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Which open_clip model and its initial weights."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the shards are and how batches are formed."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss composition (CLIP, CyCLIP regularisers, m2-Mix terms)."""
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    """DeepSpeed ZeRO settings."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Sharded checkpoints and the final export."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics, TensorBoard, progress bar."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run folder, seed, resume."""
+
+    def validate(self) -> None:
+        if self.zero.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero.stage must be 0, 1, 2 or 3, got {self.zero.stage}")
+        if self.zero.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"zero.precision must be auto, bf16 or fp32, got '{self.zero.precision}'")
+        if self.data.global_batch_size < 1 or self.data.accum_freq < 1 or self.optim.steps < 1:
+            raise ConfigError("data.global_batch_size, data.accum_freq and optim.steps must be >= 1")
+
+    def check_world_size(self, world_size: int) -> int:
+        """The per-rank batch b = global / world; it must split into accum_freq equal micro-batches."""
+        per_rank, rest = divmod(self.data.global_batch_size, world_size)
+        if rest or per_rank % self.data.accum_freq:
+            raise ConfigError(f"data.global_batch_size={self.data.global_batch_size} must divide into "
+                              f"{world_size} ranks x data.accum_freq={self.data.accum_freq} equal micro-batches")
+        return per_rank

@@ -1,0 +1,175 @@
+"""The evaluation suite: one model, one dataset split → one nested dict of results (eval.json)."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from pipeline.manifest import read_manifest
+
+from .. import metrics
+from .config import EvalConfig
+from .data import Sample, encode_images, encode_texts, iter_samples, logit_scale_of, zero_shot_weights
+
+RELEVANCE_TEXT = {
+    "caption": "an image and a text match iff the text is the image's own caption string; identical caption "
+               "strings are merged into one gallery text (with class-level captions: any image of the class "
+               "is relevant to its caption)",
+    "instance": "only the image's own caption (row i ↔ text i) is relevant; duplicate captions are kept as "
+                "separate gallery texts",
+    "label": "a text is relevant to every image of the same class label as the text's own image",
+}
+
+
+class _Recorder:
+    """Passes samples through while keeping their keys, labels and captions (one read of the shards)."""
+
+    def __init__(self, samples: Iterator[Sample]):
+        self.samples, self.keys, self.labels, self.captions = samples, [], [], []
+
+    def __iter__(self):
+        for s in self.samples:
+            self.keys.append(s.key), self.labels.append(s.label), self.captions.append(s.caption)
+            yield s
+
+
+def classification_metrics(image_features: torch.Tensor, class_weights: torch.Tensor, labels: torch.Tensor,
+                           logit_scale: float, ece_bins: int) -> Dict[str, object]:
+    """Zero-shot top-1/top-5, ECE + reliability bins, and CyCLIP consistency for one set of image features."""
+    logits = logit_scale * image_features @ class_weights.T
+    probs = logits.softmax(dim=1)
+    confidence, pred = probs.max(dim=1)
+    correct = pred == labels
+    acc = metrics.topk_accuracy(logits, labels, (1, 5))
+    in_modal = metrics.in_modal_predictions(image_features, labels, class_weights.shape[0])
+    return {"top1": acc[1], "top5": acc[5],
+            "ece": metrics.expected_calibration_error(confidence, correct, ece_bins),
+            "consistency": metrics.consistency(pred, in_modal),
+            "in_modal_top1": (in_modal == labels).double().mean().item(),
+            "calibration": metrics.calibration_bins(confidence, correct, ece_bins)}
+
+
+def embedding_metrics(image_features: torch.Tensor, paired_text: torch.Tensor) -> Dict[str, float]:
+    """Alignment, uniformity (per modality and union), modality gap, C_in and C_cross over the pairs."""
+    out = {"alignment": metrics.alignment(image_features, paired_text),
+           "uniformity_image": metrics.uniformity(image_features),
+           "uniformity_text": metrics.uniformity(paired_text),
+           "uniformity_union": metrics.uniformity(torch.cat([image_features, paired_text])),
+           "modality_gap": metrics.modality_gap(image_features, paired_text)}
+    out.update(metrics.cyclip_regularizers(image_features, paired_text))
+    return out
+
+
+def retrieval_groups(captions: Sequence[str], labels: Optional[Sequence[int]], relevance: str):
+    """(gallery texts, image group ids, text group ids) for a relevance definition (see RELEVANCE_TEXT)."""
+    n = len(captions)
+    if relevance == "instance":
+        return list(captions), torch.arange(n), torch.arange(n)
+    if relevance == "label":
+        if labels is None or any(lab is None for lab in labels):
+            raise ValueError("retrieval_relevance=label needs a label on every sample")
+        lab = torch.tensor(list(labels))
+        return list(captions), lab, lab
+    unique = list(dict.fromkeys(captions))
+    index = {c: i for i, c in enumerate(unique)}
+    return unique, torch.tensor([index[c] for c in captions]), torch.arange(len(unique))
+
+
+def evaluate(model, eval_transform: Callable, tokenizer: Callable, cfg: EvalConfig,
+             progress: Callable[[str], None] = lambda msg: None) -> Dict[str, object]:
+    """All metrics of METHODS.md §4 on ``cfg.dataset``/``cfg.split``, clean and under corruptions."""
+    t0 = time.perf_counter()
+    model.eval()
+    scale = logit_scale_of(model)
+    recorder = _Recorder(iter_samples(cfg.dataset, cfg.split, cfg.max_samples))
+    image_features = encode_images(model, eval_transform, iter(recorder), cfg.batch_size)
+    n = len(image_features)
+    progress(f"encoded {n} clean images")
+    classnames = list(cfg.classnames) or read_manifest(cfg.dataset).classnames()
+    has_labels = all(lab is not None for lab in recorder.labels)
+    has_captions = all(c is not None for c in recorder.captions)
+    results: Dict[str, object] = {
+        "dataset": {"folder": str(cfg.dataset), "split": cfg.split, "num_samples": n,
+                    "num_classes": len(classnames) if classnames else 0},
+        "model": {"logit_scale": scale}}
+
+    class_weights = labels = None
+    if has_labels and classnames:
+        labels = torch.tensor(recorder.labels)
+        if int(labels.max()) >= len(classnames):
+            raise ValueError(f"label {int(labels.max())} but only {len(classnames)} class names")
+        class_weights = zero_shot_weights(model, tokenizer, classnames, cfg.templates, cfg.batch_size)
+        clean = classification_metrics(image_features, class_weights, labels, scale, cfg.ece_bins)
+        results["calibration"] = clean.pop("calibration")
+        results["zero_shot"] = {**clean, "num_templates": len(cfg.templates), "chance_top1": 1 / len(classnames)}
+
+    # Pairs for alignment/uniformity/gap/C_in/C_cross: each image with its caption, or, for a pure
+    # classification set, with its class's prompt-ensemble embedding.
+    paired_text = None
+    if has_captions:
+        unique = list(dict.fromkeys(recorder.captions))
+        unique_feats = encode_texts(model, tokenizer, unique, cfg.batch_size)
+        index = {c: i for i, c in enumerate(unique)}
+        paired_text = unique_feats[[index[c] for c in recorder.captions]]
+        texts, img_group, txt_group = retrieval_groups(recorder.captions, recorder.labels if has_labels else None,
+                                                       cfg.retrieval_relevance)
+        gallery = unique_feats[[index[c] for c in texts]]
+        results["retrieval"] = {"relevance": cfg.retrieval_relevance,
+                                "relevance_definition": RELEVANCE_TEXT[cfg.retrieval_relevance],
+                                "num_images": n, "num_texts": len(texts),
+                                **metrics.retrieval_recalls(image_features, gallery, img_group, txt_group)}
+    elif class_weights is not None:
+        paired_text = class_weights[labels]
+    if paired_text is not None:
+        results["embedding"] = {"pairs": "caption" if has_captions else "class_prompt_ensemble",
+                                **embedding_metrics(image_features, paired_text)}
+    progress("clean metrics done")
+
+    if class_weights is not None and cfg.corruptions:
+        results["shift"] = shift_metrics(model, eval_transform, cfg, class_weights, labels, scale, progress)
+        results["robustness"] = robustness_summary(results["zero_shot"]["top1"], results["shift"])
+    results["seconds"] = time.perf_counter() - t0
+    return results
+
+
+def shift_metrics(model, eval_transform, cfg: EvalConfig, class_weights, labels, scale, progress) -> Dict:
+    """Zero-shot metrics on every corrupted copy of the split: {corruption: {severity: {...}}}."""
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for corruption in cfg.corruptions:
+        out[corruption] = {}
+        for severity in cfg.severities:
+            samples = iter_samples(cfg.dataset, cfg.split, cfg.max_samples)
+            feats = encode_images(model, eval_transform, samples, cfg.batch_size, corruption, severity)
+            m = classification_metrics(feats, class_weights, labels, scale, cfg.ece_bins)
+            m.pop("calibration")
+            out[corruption][str(severity)] = m
+            progress(f"{corruption} severity {severity}: top1 {m['top1']:.3f}")
+    return out
+
+
+def robustness_summary(clean_top1: float, shift: Dict) -> Dict[str, float]:
+    """Shifted against clean top-1: mean shifted accuracy, its drop, and the fraction of accuracy kept.
+
+    Effective robustness proper needs a baseline trend over several models; ``compare`` computes it.
+    """
+    accs: List[float] = [m["top1"] for sev in shift.values() for m in sev.values()]
+    mean_shift = sum(accs) / len(accs)
+    out = {"clean_top1": clean_top1, "shifted_top1": mean_shift, "drop": clean_top1 - mean_shift,
+           "relative": mean_shift / clean_top1 if clean_top1 > 0 else 0.0}
+    for corruption, sev in shift.items():
+        out[f"{corruption}_top1"] = sum(m["top1"] for m in sev.values()) / len(sev)
+    return out
+
+
+def headline(results: Dict) -> Dict[str, float]:
+    """The flat scalars compared across runs (metric bars, compare table)."""
+    flat: Dict[str, float] = {}
+    for section, keys in (("zero_shot", ("top1", "top5", "ece", "consistency")),
+                          ("retrieval", ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")),
+                          ("embedding", ("alignment", "uniformity_union", "modality_gap", "C_in", "C_cross")),
+                          ("robustness", ("shifted_top1", "relative"))):
+        for k in keys:
+            if k in results.get(section, {}):
+                flat[f"{section}.{k}"] = float(results[section][k])
+    return flat

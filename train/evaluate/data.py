@@ -1,0 +1,162 @@
+"""Eval inputs: samples read in order from a shard folder, models loaded from checkpoints, and encoders.
+
+Everything here is model-agnostic: it needs only ``encode_image`` / ``encode_text`` on the model, an
+eval transform (PIL → tensor) and a tokenizer (list of str → token tensor), the open_clip interface.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+
+from pipeline.manifest import read_manifest
+
+from ..corruptions import corrupt
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Sample:
+    key: str
+    image: Image.Image
+    label: Optional[int]
+    caption: Optional[str]
+
+
+def iter_samples(folder: str | Path, split: str, max_samples: int = 0) -> Iterator[Sample]:
+    """Samples of ``split`` in shard order (deterministic: no shuffling, one process)."""
+    manifest = read_manifest(folder)
+    image_ext = manifest.fields.get("image", "jpg")
+    caption_ext = manifest.fields.get("caption", "txt")
+    meta_ext = manifest.fields.get("metadata", "json")
+    dataset = wds.WebDataset(manifest.shard_paths(split), shardshuffle=False, empty_check=False).decode("pil")
+    for count, raw in enumerate(dataset):
+        if max_samples and count >= max_samples:
+            return
+        ext = image_ext if image_ext in raw else next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None:
+            raise ValueError(f"sample {raw['__key__']} in {raw.get('__url__')} has no image ({sorted(raw)})")
+        meta = raw.get(meta_ext) or {}
+        if isinstance(meta, (bytes, str)):
+            meta = json.loads(meta)
+        caption = raw.get(caption_ext, meta.get("caption"))
+        if isinstance(caption, bytes):
+            caption = caption.decode("utf-8")
+        label = meta.get("label")
+        yield Sample(key=raw["__key__"], image=raw[ext], label=None if label is None else int(label),
+                     caption=caption)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_images(model, transform: Callable, samples: Iterator[Sample], batch_size: int = 256,
+                  corruption: str = "", severity: int = 0) -> torch.Tensor:
+    """L2-normalised image embeddings (float32, on CPU), optionally of corrupted copies of the images."""
+    device, feats, batch = _device_of(model), [], []
+
+    def flush():
+        x = torch.stack(batch).to(device)
+        feats.append(F.normalize(model.encode_image(x).float(), dim=-1).cpu())
+        batch.clear()
+
+    for s in samples:
+        img = corrupt(s.image, corruption, severity, s.key) if corruption else s.image
+        batch.append(transform(img.convert("RGB")))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not feats:
+        raise ValueError("no images to encode (empty split?)")
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer: Callable, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text embeddings (float32, on CPU)."""
+    device, feats = _device_of(model), []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
+        feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def zero_shot_weights(model, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str],
+                      batch_size: int = 256) -> torch.Tensor:
+    """One unit vector per class: the renormalised mean of its prompt embeddings (the prompt ensemble)."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    feats = encode_texts(model, tokenizer, prompts, batch_size).view(len(classnames), len(templates), -1)
+    return F.normalize(feats.mean(dim=1), dim=-1)
+
+
+def logit_scale_of(model) -> float:
+    """exp(logit_scale) of an open_clip model (1/0.07-initialised, clamped to 100 in training)."""
+    scale = getattr(model, "logit_scale", None)
+    return float(scale.detach().exp().reshape(-1)[0]) if scale is not None else 100.0
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+def _register_config(name: str, model_cfg: dict) -> None:
+    import open_clip
+
+    folder = Path(tempfile.mkdtemp(prefix="eval_model_cfg_"))
+    (folder / f"{name}.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(folder)
+
+
+def resolve_model_name(config_json: dict, fallback: str) -> str:
+    """The open_clip name for an exported config: a named builtin, or a custom config registered here.
+
+    Accepted layouts: ``{"model_name": ..., "model_cfg": {...}}`` (open_clip hub style, model_cfg
+    optional), ``{"model_name": ...}`` alone, or a bare model config ``{"embed_dim", "vision_cfg", ...}``.
+    """
+    name = config_json.get("model_name") or config_json.get("name") or fallback
+    model_cfg = config_json.get("model_cfg")
+    if model_cfg is None and "embed_dim" in config_json:
+        model_cfg = {k: v for k, v in config_json.items() if k not in ("model_name", "name")}
+    if model_cfg is not None:
+        _register_config(name, model_cfg)
+    return name
+
+
+def load_model(checkpoint: str | Path, model_name: str = "", model_config: str = "",
+               device: str = "cpu") -> Tuple[torch.nn.Module, Callable, Callable, Optional[Path]]:
+    """(model in eval mode, eval transform, tokenizer, run dir or None) from RUN_DIR or a weights file.
+
+    A RUN_DIR holds ``export/model.pt`` (plain open_clip state dict) and ``export/model_config.json``.
+    """
+    import open_clip
+
+    path, run_dir = Path(checkpoint), None
+    if path.is_dir():
+        run_dir, weights = path, path / "export" / "model.pt"
+        model_config = model_config or str(path / "export" / "model_config.json")
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found: is {path} a finished run (with export/)?")
+    else:
+        weights = path
+        if not weights.is_file():
+            raise FileNotFoundError(f"checkpoint {weights} not found")
+    if model_config:
+        model_name = resolve_model_name(json.loads(Path(model_config).read_text()),
+                                        model_name or f"eval-{Path(model_config).parent.parent.name}")
+    if not model_name:
+        raise ValueError("a bare checkpoint needs model_name=... (or model_config=PATH)")
+    model, _, eval_transform = open_clip.create_model_and_transforms(model_name, device=device)
+    # open_clip's loader strips 'module.' prefixes and reshapes a [1]-shaped (DeepSpeed) logit_scale.
+    open_clip.load_checkpoint(model, str(weights), device=device)
+    model.eval()
+    return model, eval_transform, open_clip.get_tokenizer(model_name), run_dir
