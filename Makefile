@@ -25,7 +25,7 @@ help:
 	@echo "make test    - setup + the whole test suite"
 	@echo "make shards  - URL list -> img2dataset -> filtered, deduplicated WebDataset shards"
 	@echo "make bench   - run benchmarks/ and rewrite BENCHMARKS.md"
-	@echo "make demo    - shards, CLIP/CyCLIP pretraining, plain/m2-Mix fine-tuning, evaluation, demo/REPORT.md (FAST=1: minutes)"
+	@echo "make demo    - shards, CLIP/CyCLIP pretraining, plain/m2-Mix fine-tuning, evaluation, demo/REPORT.md (FAST=1: demo/fast/)"
 	@echo "make pretrain / finetune - configs/pretrain_cyclip.yaml / finetune_m2mix.yaml on $(RANKS) local ranks (CONFIG=, ARGS=)"
 	@echo "make eval RUN_DIR=runs/X - evaluate a run on the held-out test split (ARGS='max_samples=1000')"
 
@@ -61,7 +61,7 @@ bench: setup
 # Training on local ranks: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; on CPU every rank uses gloo.
 RANKS ?= 2
 RUN_DIR ?=
-DEMO_OUT ?= demo
+DEMO_OUT ?=
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(RANKS)
 
 pretrain: setup
@@ -78,7 +78,7 @@ eval: setup
 # configs/demo/{full,fast}.yaml, skipped when the data set exists; then training, evaluation, report.
 demo: setup
 	@$(MAKE) --no-print-directory setup-system
-	$(PYTHON) -m train.demo --out $(DEMO_OUT) $(if $(FAST),--fast) $(ARGS)
+	$(PYTHON) -m train.demo $(if $(DEMO_OUT),--out $(DEMO_OUT)) $(if $(FAST),--fast) $(ARGS)
 
 clean:
 	rm -rf data runs demo .pytest_cache

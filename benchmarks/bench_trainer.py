@@ -40,7 +40,7 @@ def ours(data: Path, run_dir: Path, model: str, image_size: int, batch: int, ste
             f"data.path={data}", f"run.run_dir={run_dir}", f"model.name={model}", f"model.force_image_size={image_size}",
             f"data.global_batch_size={batch * world}", f"data.num_workers={workers}", f"optim.steps={steps}",
             "checkpoint.every_steps=100000", "checkpoint.export=false", "logging.progress_bar=false",
-            "logging.tensorboard=false", f"zero.stage={stage}", f"zero.precision={precision}", "run.resume="]
+            "logging.tensorboard=false", f"zero.stage={stage}", f"zero.precision={precision}"]
     env = dict(_env(threads), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world))
     procs = [subprocess.Popen(args, cwd=ROOT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
@@ -79,7 +79,7 @@ def run(quick: bool) -> str:
         tmp = Path(tmp)
         data = make_digits_dataset(tmp / "digits", n_train=batch * 2 * 8, n_val=16, shard_size=128,
                                    image_size=image_size)
-        t0 = time.perf_counter()
+        t0, load_before = time.perf_counter(), os.getloadavg()[0]
         reference = open_clip_train(tmp, model, image_size, batch, steps, threads=2)
         ours_1 = ours(data, tmp / "ours1", model, image_size, batch, steps, world=1, threads=2)
         ours_2 = ours(data, tmp / "ours2", model, image_size, batch, steps, world=2, threads=1)
@@ -93,5 +93,7 @@ def run(quick: bool) -> str:
               f"| this trainer (ZeRO-1, JPEG shards, 2 ranks over gloo) | 2 x 1 | {2 * batch} | {ours_2:.1f} | "
               f"{ours_2 / reference:.2f}x |", "",
               "open_clip_train cannot run 2 ranks on CPU (its DDP wrapper passes device_ids), so the 2-rank row "
-              f"has no side-by-side counterpart. Target: >= 1.0x at 1 process. Total bench time {elapsed:.0f} s."]
+              f"has no side-by-side counterpart. Target: >= 1.0x at 1 process. Total bench time {elapsed:.0f} s; "
+              f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (above 2 = other "
+              "processes shared the 2 cores, so absolute numbers are low and the ratio is noisy)."]
     return "\n".join(lines) + "\n"

@@ -94,7 +94,8 @@ class LoggingConfig:
     progress_bar: bool = True
     """tqdm bar on rank 0 (samples/s and loss terms)."""
     log_sample_keys: bool = False
-    """Write RUN_DIR/sample_keys/rank{R}.jsonl: the keys of every sample each rank trained on, per step."""
+    """Write RUN_DIR/sample_keys/rank{R}.jsonl: {step, keys} per step and rank (steps redone after a crash
+    appear again further down; the last occurrence is the one the final weights saw)."""
     eval_every_steps: int = 0
     """Run train/periodic_eval.py (zero-shot, retrieval, alignment) every this many steps (0 = never)."""
     eval_split: str = "val"

@@ -101,6 +101,7 @@ class IndexedShardDataset(torch.utils.data.Dataset):
     def __init__(self, folder: str, split: str, transform: Callable, tokenizer: Callable, seed: int,
                  max_substitutions: int = 16, open_shards: int = 8):
         manifest = read_manifest(folder)
+        self.split = split
         self.paths = manifest.shard_paths(split)
         self.lengths = [s.num_samples for s in manifest.split(split).shards]
         self.cum = np.cumsum([0] + self.lengths)
@@ -148,7 +149,7 @@ class IndexedShardDataset(torch.utils.data.Dataset):
                 sample["skipped"] = attempt
                 return sample
             except Exception as err:
-                log.warning("skipping corrupt sample %d of the %s split: %s", candidate, "train", err)
+                log.warning("skipping corrupt sample %d of the %s split: %s", candidate, self.split, err)
         raise RuntimeError(f"{self.max_substitutions + 1} corrupt samples in a row from index {index}: "
                            "is the dataset folder intact?")
 

@@ -1,4 +1,4 @@
-"""`python -m train.demo [--fast] [--out demo] [--tune]`: the whole pipeline on Fashion-MNIST, then a report.
+"""`python -m train.demo [--fast] [--out DIR] [--tune]`: the whole pipeline on Fashion-MNIST, then a report.
 
 Stages, in order, each announced with its elapsed time:
 
@@ -135,8 +135,12 @@ def is_trained(run: Run, out: Path) -> bool:
     info = run.run_dir(out) / "export" / "info.json"
     if not info.is_file():
         return False
-    steps = load_config(TrainConfig, run.config, [o for o in run.overrides]).optim.steps
-    return json.loads(info.read_text()).get("step") == steps
+    steps = load_config(TrainConfig, run.config, run.overrides).optim.steps
+    done = json.loads(info.read_text()).get("step")
+    if done != steps:  # resuming would mix two budgets in one run
+        raise SystemExit(f"{run.run_dir(out)} holds a run of {done} steps but the demo config asks for {steps}: "
+                         "delete it or pick another --out")
+    return True
 
 
 def train_all(runs: List[Run], out: Path, ranks: int) -> None:
@@ -153,7 +157,10 @@ def train_all(runs: List[Run], out: Path, ranks: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
            "-m", "train.demo", "worker", str(plan)]
     print("$ " + " ".join(cmd), flush=True)
+    # One thread per rank (2 ranks on 2 cores), and DeepSpeed's JIT cache where `make` keeps it: a
+    # fresh cache costs a ~45 s compile, and two demos sharing one wait on its lock.
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
@@ -208,8 +215,10 @@ def tune(cfg: DemoConfig, out: Path, t0: float) -> Dict:
     runs = {lr: pretrain_runs(cfg, [seed], [f"optim.lr={lr}"], ("clip",), f"p_lr{lr:g}")[0]
             for lr in cfg.tune_pretrain_lr}
     train_all(list(runs.values()), tune_out, cfg.ranks)
-    scores = {lr: evaluate_run(r.run_dir(tune_out), Path(cfg.data), "val", 0, cfg.eval_batch_size, False)
-              ["zero_shot"]["top1"] for lr, r in runs.items()}
+    evals = {lr: evaluate_run(r.run_dir(tune_out), Path(cfg.data), "val", 0, cfg.eval_batch_size, False)
+             for lr, r in runs.items()}
+    scores = {lr: e["zero_shot"]["top1"] for lr, e in evals.items()}
+    record["val_samples"] = next(iter(evals.values()))["dataset"]["num_samples"]
     best_p = max(scores, key=scores.get)
     record["pretrain"] = [{"lr": lr, "val_top1": v} for lr, v in scores.items()]
     log_stage(f"tune 2/2: plain fine-tuning from lr={best_p:g}, lr in {cfg.tune_finetune_lr}", t0)
@@ -240,8 +249,8 @@ def run_demo(cfg: DemoConfig, out: Path, profile: str, skip_shards: bool = False
         return result
 
     log_stage("1/5 shards: Fashion-MNIST -> URL list -> loopback HTTP -> img2dataset", t0)
-    if not skip_shards:
-        timed("shards", build_shards, cfg)
+    if not skip_shards and timed("shards", build_shards, cfg) is False:
+        timings["shards"] = None  # reused, so its time is not part of this run
     pre = pretrain_runs(cfg, cfg.seeds)
     fine = finetune_runs(cfg, out, cfg.seeds)
     log_stage(f"2-3/5 training on {cfg.ranks} ranks: {len(pre)} pretrainings (CLIP, CyCLIP) then "
@@ -273,13 +282,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true", help="configs/demo/fast.yaml: a few minutes, one seed")
     parser.add_argument("--config", default=None, help="a DemoConfig YAML instead of configs/demo/{full,fast}.yaml")
-    parser.add_argument("--out", default="demo", help="output folder (runs/, REPORT.md, plots/)")
+    parser.add_argument("--out", default=None, help="output folder: runs/, REPORT.md, plots/ (default demo, "
+                        "or demo/fast with --fast)")
     parser.add_argument("--tune", action="store_true", help="learning-rate sweeps on the val split instead")
     parser.add_argument("--skip-shards", action="store_true", help="the dataset folders are built already")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of DemoConfig fields")
     args = parser.parse_args(argv)
     cfg, profile = profile_config(args)
-    out = Path(args.out)
+    out = Path(args.out or ("demo/fast" if args.fast else "demo"))
     if args.tune:
         t0 = time.perf_counter()
         log_stage("shards", t0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -88,8 +89,8 @@ def verdict(table, arm: str, base: str, metric: str) -> Tuple[str, str]:
     if gain < -2 * se:
         return "reversed", (f"{numbers} — **worse** by {abs(gain):.4f}, more than twice its standard error "
                             f"({se:.4f}): the claimed effect is reversed at this scale.")
-    return "noise", (f"{numbers} — difference {gain:+.4f} (in the better direction) is within twice its "
-                     f"standard error ({se:.4f}): it does not show at this scale.")
+    return "noise", (f"{numbers} — gain {gain:+.4f} (positive = better) is within twice its standard error "
+                     f"({se:.4f}): it does not show at this scale.")
 
 
 def claims_section(pre: Dict, fine: Dict) -> List[str]:
@@ -115,24 +116,47 @@ def claims_section(pre: Dict, fine: Dict) -> List[str]:
     elif shown == total:
         summary = f"All {total} claimed effects show at this scale, each by more than twice its standard error."
     else:
-        summary = (f"{shown} of {total} claimed effects show at this scale; {counts.get('noise', 0)} are within seed "
-                   f"noise and {counts.get('reversed', 0)} are reversed. Where an effect does not show, this demo "
+        summary = (f"{shown} of {total} claimed effects show at this scale; {counts.get('noise', 0)} within seed "
+                   f"noise, {counts.get('reversed', 0)} reversed. Where an effect does not show, this demo "
                    "does not reproduce it: the models are tiny, trained for minutes on 32 px images with "
                    "class-template captions, far from the papers' settings.")
-    return ["## Do the claimed effects show?", "", summary, ""] + lines
+    return ["## Do the claimed effects show?", "", summary, "", *regularizer_check(pre), ""] + lines
 
 
-def hyperparameters(run_dir: Path) -> Dict[str, object]:
+def regularizer_check(pre: Dict) -> List[str]:
+    """Whether CyCLIP's terms did their direct job (lower C_in / C_cross on test), whatever the accuracy did."""
+    if not all(m in pre[a] for a in ("CLIP", "CyCLIP") for m in ("embedding.C_in", "embedding.C_cross")):
+        return []
+    ratios = {m: pre["CyCLIP"][f"embedding.{m}"][0] / pre["CLIP"][f"embedding.{m}"][0] for m in ("C_in", "C_cross")}
+    lower = all(r < 1 for r in ratios.values())
+    return [f"The quantities CyCLIP's regularisers penalise: on the test images C_in is {ratios['C_in']:.2f}× and "
+            f"C_cross {ratios['C_cross']:.2f}× the CLIP baseline's (means over seeds), so the regularisers "
+            + ("did lower what they target; the question is only whether that helps the metrics below."
+               if lower else "did **not** lower both of what they target at this budget.")]
+
+
+def hyperparameters(run_dir: Path) -> Dict[str, str]:
+    """The budget and loss of a run, from the config.yaml the trainer saved (what actually ran)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    return {"steps": cfg.optim.steps, "global batch": cfg.data.global_batch_size, "lr": cfg.optim.lr,
-            "warmup": cfg.optim.warmup_steps, "weight decay": cfg.optim.weight_decay,
-            "loss": ", ".join(f"{k}={v}" for k, v in cfg.loss.items() if k in (
-                "cyclip_in_modal", "cyclip_cross_modal", "m2mix_weight", "m2mix_alpha") and v)}
+    loss = cfg.loss
+    terms = []
+    if loss.cyclip_in_modal or loss.cyclip_cross_modal:
+        terms.append(f"λ₁={loss.cyclip_in_modal:g}, λ₂={loss.cyclip_cross_modal:g}")
+    if loss.m2mix_weight:
+        terms.append(f"m²-Mix w={loss.m2mix_weight:g}, α={loss.m2mix_alpha:g}")
+    # a fine-tuning's init is RUNS/<pretraining run>/export/model.pt
+    init = Path(cfg.model.pretrained).parent.parent.name if cfg.model.pretrained else "random"
+    return {"steps": str(cfg.optim.steps), "global batch": str(cfg.data.global_batch_size),
+            "lr": f"{cfg.optim.lr:g}", "warmup": str(cfg.optim.warmup_steps),
+            "weight decay": f"{cfg.optim.weight_decay:g}", "init": init,
+            "loss": "CLIP" + "".join(f" + {t}" for t in terms)}
 
 
 def tuning_section(out: Path, profile: str, pre_lr: float, ft_lr: float) -> List[str]:
-    for path in (out / "tune" / "tuning.json", Path(__file__).resolve().parent.parent / "configs" / "demo" /
-                 f"tuning-{profile}.json"):
+    configs = Path(__file__).resolve().parent.parent / "configs" / "demo"
+    for path, note in ((out / "tune" / "tuning.json", ""), (configs / f"tuning-{profile}.json", ""),
+                       (configs / "tuning-full.json", " — the full profile's sweep, whose learning rates this "
+                        "profile reuses")):
         if path.is_file():
             break
     else:
@@ -144,13 +168,16 @@ def tuning_section(out: Path, profile: str, pre_lr: float, ft_lr: float) -> List
     rows = [["pretraining (CLIP loss)", r["lr"], r["val_top1"]] for r in rec["pretrain"]]
     rows += [["plain fine-tuning", r["lr"], r["val_top1"]] for r in rec["finetune"]]
     return ["## Hyperparameter choice (validation split only)", "",
-            f"Learning rates were chosen by `python -m train.demo --tune` ({path.name}): {rec['metric']}, seed "
+            f"Learning rates were chosen by `python -m train.demo --tune` (`{path.name}`{note}): {rec['metric']}, seed "
             f"{rec['seed']}, the val split carved from the *training* images; the test split was never looked at. "
             "Both arms of each comparison use the chosen value (the sweep ran with the baseline loss). "
             + ("The runs below use the chosen values." if agree else
                f"**The runs below do not use the chosen values** (pretraining lr {pre_lr} vs chosen "
                f"{chosen['pretrain_lr']}, fine-tuning lr {ft_lr} vs chosen {chosen['finetune_lr']})."), "",
-            markdown_table(["sweep", "lr", "val zero-shot top-1"], rows), ""]
+            markdown_table(["sweep", "lr", "val zero-shot top-1"], [[a, f"{lr:g}", v] for a, lr, v in rows]), "",
+            f"The val split has {rec.get('val_samples', 'a few hundred')} images, so differences of about a percentage "
+            "point between learning rates are within its sampling noise: the sweep rules out bad values rather "
+            "than finding a sharp optimum.", ""]
 
 
 def copy_plots(runs: Sequence[Path], plots: Path) -> List[str]:
@@ -179,8 +206,9 @@ def write_report(cfg, out: Path, profile: str, pre_runs, fine_runs, timings: Dic
     first = arms_pre["CLIP"][0]
     test_eval = json.loads((first / "eval" / "eval.json").read_text())
     train_m, test_m = read_manifest(cfg.data), read_manifest(f"{cfg.data}_test")
-    hp_pre, hp_fine = hyperparameters(first), hyperparameters(arms_fine["plain ← CLIP"][0])
-    total = sum(v for k, v in timings.items() if k in ("shards", "training", "evaluation"))
+    setup = {arm: hyperparameters(runs[0]) for arm, runs in {**arms_pre, **arms_fine}.items()}
+    hp_pre, hp_fine = setup["CLIP"], setup["plain ← CLIP"]
+    total = sum(v or 0.0 for k, v in timings.items() if k in ("shards", "training", "evaluation"))
     lines = [
         f"# Demo report ({profile})", "",
         "CLIP vs CyCLIP pretraining, then plain vs m²-Mix fine-tuning of each, on Fashion-MNIST put through the "
@@ -195,19 +223,21 @@ def write_report(cfg, out: Path, profile: str, pre_runs, fine_runs, timings: Dic
         "## Setup", "",
         f"Seeds {list(cfg.seeds)} for every arm; fine-tuning seed s starts from the pretraining of seed s. "
         "Same budget within each comparison:", "",
-        markdown_table(["stage", *hp_pre.keys()], [["pretraining", *hp_pre.values()],
-                                                  ["fine-tuning", *hp_fine.values()]]),
-        "", "The loss column lists the non-zero extra terms (CyCLIP: λ₁, λ₂ on the arm that uses them; m²-Mix: "
-        "its weight and α on its arm); the baselines set them to 0.", ""]
+        markdown_table(["arm", *hp_pre.keys()], [[arm, *hp.values()] for arm, hp in setup.items()]),
+        "", "(`init`: the pretraining run a fine-tuning starts from, shown for its seed 0.)", ""]
     lines += tuning_section(out, profile, float(hp_pre["lr"]), float(hp_fine["lr"]))
     lines += ["## Results on the test split", "",
               "Mean ± sample standard deviation over seeds (n = seeds). ↑/↓: the better direction.", "",
               "### Pretraining", "", side_by_side(pre), "", "![pretraining](plots/pretraining_bars.png)", "",
               "### Fine-tuning", "", side_by_side(fine), "", "![fine-tuning](plots/finetuning_bars.png)", ""]
     lines += claims_section(pre, fine)
+    shards = ("shards already built (not timed)" if timings.get("shards") is None
+              else f"shards {timings['shards']:.0f} s")
     lines += ["## Time", "",
-              f"{total / 60:.1f} min on this machine: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()
-                                                                  if k in ("shards", "training", "evaluation")) + ".",
+              f"{total / 60:.1f} min on this machine ({os.cpu_count()} cores, load average "
+              f"{os.getloadavg()[0]:.1f} at the end): {shards}, training {timings['training']:.0f} s, "
+              f"evaluation {timings['evaluation']:.0f} s. Runs and evaluations already finished by an "
+              "earlier, interrupted demo are reused and not counted.",
               "", "## Per-run plots (reliability, corruptions, training curves)", ""]
     lines += copy_plots([p for runs in (*arms_pre.values(), *arms_fine.values()) for p in runs], plots)
     lines += ["", "Per-run numbers: `runs/<run>/eval/eval.json` and `eval.md`.", ""]

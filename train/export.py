@@ -59,7 +59,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:  # ZeRO stage 0: rank 0's model file holds the full weights
+    else:  # ZeRO stage 0: rank 0's model file holds the full weights. DeepSpeed pickles config objects
+        # into it, so weights_only=True cannot read it; it is our own run's file, not a downloaded one.
         state_dict = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     run_dir = path.parent.parent
     out = Path(out_dir) if out_dir else run_dir / "export"
