@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from pipeline.config import load_config
 
@@ -129,7 +129,7 @@ def finetune_runs(cfg: DemoConfig, out: Path, seeds: List[int], init: str = "", 
 
 
 def is_trained(run: Run, out: Path) -> bool:
-    """The run's export exists at its configured final step (its own config.yaml says which)."""
+    """The run's export exists at the final step the demo config asks for."""
     from train.config import TrainConfig
 
     info = run.run_dir(out) / "export" / "info.json"
@@ -143,14 +143,14 @@ def is_trained(run: Run, out: Path) -> bool:
     return True
 
 
-def train_all(runs: List[Run], out: Path, ranks: int) -> None:
-    """One torchrun launch that trains ``runs`` in order (unfinished ones only)."""
+def train_all(runs: List[Run], out: Path, ranks: int) -> int:
+    """One torchrun launch that trains ``runs`` in order (unfinished ones only); returns how many it trained."""
     todo = [r for r in runs if not is_trained(r, out)]
     for r in runs:
         if r not in todo:
             print(f"train: {r.name} already finished, skipped", flush=True)
     if not todo:
-        return
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     plan = out / "train_plan.json"
     plan.write_text(json.dumps([{"name": r.name, "argv": r.argv(out)} for r in todo], indent=1))
@@ -163,6 +163,7 @@ def train_all(runs: List[Run], out: Path, ranks: int) -> None:
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    return len(todo)
 
 
 def worker(plan_file: str) -> int:
@@ -188,8 +189,10 @@ def worker(plan_file: str) -> int:
 
 
 def evaluate_run(run_dir: Path, dataset: Path, split: str, max_samples: int, batch_size: int,
-                 shifted: bool = True) -> Dict:
-    """``python -m train.evaluate --checkpoint RUN_DIR ...`` in this process; skipped when up to date."""
+                 shifted: bool = True) -> Tuple[Dict, bool]:
+    """``python -m train.evaluate --checkpoint RUN_DIR ...`` in this process, skipped when up to date.
+
+    Returns (eval.json contents, whether it ran)."""
     from train.evaluate.__main__ import main as evaluate_main
 
     out = run_dir / ("eval" if split == "test" else f"eval_{split}")
@@ -200,11 +203,11 @@ def evaluate_run(run_dir: Path, dataset: Path, split: str, max_samples: int, bat
     if (result.is_file() and stamp.is_file() and result.stat().st_mtime > model.stat().st_mtime
             and json.loads(stamp.read_text()) == args):
         print(f"eval: {run_dir.name} on {split} up to date, skipped", flush=True)
-        return json.loads(result.read_text())
+        return json.loads(result.read_text()), False
     print(f"\n--- evaluating {run_dir.name} on {dataset}:{split}", flush=True)
     evaluate_main(args)
     stamp.write_text(json.dumps(args))  # what the skip check above compares against
-    return json.loads(result.read_text())
+    return json.loads(result.read_text()), True
 
 
 def tune(cfg: DemoConfig, out: Path, t0: float) -> Dict:
@@ -215,7 +218,7 @@ def tune(cfg: DemoConfig, out: Path, t0: float) -> Dict:
     runs = {lr: pretrain_runs(cfg, [seed], [f"optim.lr={lr}"], ("clip",), f"p_lr{lr:g}")[0]
             for lr in cfg.tune_pretrain_lr}
     train_all(list(runs.values()), tune_out, cfg.ranks)
-    evals = {lr: evaluate_run(r.run_dir(tune_out), Path(cfg.data), "val", 0, cfg.eval_batch_size, False)
+    evals = {lr: evaluate_run(r.run_dir(tune_out), Path(cfg.data), "val", 0, cfg.eval_batch_size, False)[0]
              for lr, r in runs.items()}
     scores = {lr: e["zero_shot"]["top1"] for lr, e in evals.items()}
     record["val_samples"] = next(iter(evals.values()))["dataset"]["num_samples"]
@@ -225,7 +228,7 @@ def tune(cfg: DemoConfig, out: Path, t0: float) -> Dict:
     runs = {lr: finetune_runs(cfg, tune_out, [seed], runs[best_p].name, [f"optim.lr={lr}"], ("plain",),
                               f"f_lr{lr:g}")[0] for lr in cfg.tune_finetune_lr}
     train_all(list(runs.values()), tune_out, cfg.ranks)
-    scores_f = {lr: evaluate_run(r.run_dir(tune_out), Path(cfg.data), "val", 0, cfg.eval_batch_size, False)
+    scores_f = {lr: evaluate_run(r.run_dir(tune_out), Path(cfg.data), "val", 0, cfg.eval_batch_size, False)[0]
                 ["zero_shot"]["top1"] for lr, r in runs.items()}
     best_f = max(scores_f, key=scores_f.get)
     record["finetune"] = [{"lr": lr, "val_top1": v} for lr, v in scores_f.items()]
@@ -240,29 +243,31 @@ def tune(cfg: DemoConfig, out: Path, t0: float) -> Dict:
 def run_demo(cfg: DemoConfig, out: Path, profile: str, skip_shards: bool = False) -> Path:
     from train import demo_report
 
-    t0, timings = time.perf_counter(), {}
+    # Seconds per stage, from the last run in which the stage did work: a rerun that reuses finished
+    # runs keeps the measured times instead of reporting the near-zero time of skipping them.
+    t0, timings_file = time.perf_counter(), out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
 
     def timed(name: str, fn, *args):
         t = time.perf_counter()
-        result = fn(*args)
-        timings[name] = time.perf_counter() - t
-        return result
+        did_work = fn(*args)
+        if did_work:
+            timings[name] = time.perf_counter() - t
+        return did_work
 
     log_stage("1/5 shards: Fashion-MNIST -> URL list -> loopback HTTP -> img2dataset", t0)
-    if not skip_shards and timed("shards", build_shards, cfg) is False:
-        timings["shards"] = None  # reused, so its time is not part of this run
+    if not skip_shards:
+        timed("shards", build_shards, cfg)
     pre = pretrain_runs(cfg, cfg.seeds)
     fine = finetune_runs(cfg, out, cfg.seeds)
     log_stage(f"2-3/5 training on {cfg.ranks} ranks: {len(pre)} pretrainings (CLIP, CyCLIP) then "
               f"{len(fine)} fine-tunings (plain, m²-Mix)", t0)
     timed("training", train_all, pre + fine, out, cfg.ranks)
     log_stage(f"4/5 evaluation of {len(pre) + len(fine)} models on {test_dir(cfg.data)} (test)", t0)
-    t = time.perf_counter()
-    for run in pre + fine:
-        evaluate_run(run.run_dir(out), test_dir(cfg.data), "test", cfg.eval_max_samples, cfg.eval_batch_size)
-    timings["evaluation"] = time.perf_counter() - t
+    timed("evaluation", lambda: sum(evaluate_run(run.run_dir(out), test_dir(cfg.data), "test", cfg.eval_max_samples,
+                                                 cfg.eval_batch_size)[1] for run in pre + fine))
     log_stage("5/5 report", t0)
-    timings["total_before_report"] = time.perf_counter() - t0
+    timings_file.write_text(json.dumps(timings, indent=1))
     report = demo_report.write_report(cfg, out, profile, pre, fine, timings)
     log_stage(f"done: {report}", t0)
     return report

@@ -231,13 +231,13 @@ def write_report(cfg, out: Path, profile: str, pre_runs, fine_runs, timings: Dic
               "### Pretraining", "", side_by_side(pre), "", "![pretraining](plots/pretraining_bars.png)", "",
               "### Fine-tuning", "", side_by_side(fine), "", "![fine-tuning](plots/finetuning_bars.png)", ""]
     lines += claims_section(pre, fine)
-    shards = ("shards already built (not timed)" if timings.get("shards") is None
-              else f"shards {timings['shards']:.0f} s")
+    parts = [f"{k} {timings[k]:.0f} s" if k in timings else f"{k} not timed (reused from before)"
+             for k in ("shards", "training", "evaluation")]
     lines += ["## Time", "",
               f"{total / 60:.1f} min on this machine ({os.cpu_count()} cores, load average "
-              f"{os.getloadavg()[0]:.1f} at the end): {shards}, training {timings['training']:.0f} s, "
-              f"evaluation {timings['evaluation']:.0f} s. Runs and evaluations already finished by an "
-              "earlier, interrupted demo are reused and not counted.",
+              f"{os.getloadavg()[0]:.1f} when the report was written): {', '.join(parts)}. Each stage's time "
+              "is from the last demo run in which it did work (a stage resumed after an interruption counts "
+              "only its remaining part).",
               "", "## Per-run plots (reliability, corruptions, training curves)", ""]
     lines += copy_plots([p for runs in (*arms_pre.values(), *arms_fine.values()) for p in runs], plots)
     lines += ["", "Per-run numbers: `runs/<run>/eval/eval.json` and `eval.md`.", ""]
