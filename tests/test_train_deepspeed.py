@@ -277,3 +277,17 @@ def test_finetune_from_export_on_a_corrupt_shard(runs, tmp_path):
     assert any(key.startswith("eval/") for key in records[2]) and not any(k.startswith("eval/") for k in records[0])
     # the first step's logit scale is the pretrained one, not the 1/0.07 of a fresh model
     assert math.isclose(records[0]["logit_scale"], offline_sd["logit_scale"].exp().item(), rel_tol=1e-6)
+
+
+def test_nan_losses_are_skipped_then_abort_with_a_clear_message(runs):
+    """lr = 1e30 blows the weights up at the first update, so every later loss is NaN/inf: each such
+    step is skipped and counted, and max_nonfinite_steps of them in a row abort the run, saying why."""
+    name = "nan"
+    codes = runs.run(1, runs.base(name) + ["optim.lr=1e30", "optim.warmup_steps=0", "optim.max_nonfinite_steps=3",
+                                           "checkpoint.every_steps=100"])
+    log = (runs.root / f"{name}.rank0.log").read_text()
+    assert codes[0] != 0, log[-2000:]
+    assert "3 consecutive steps had a NaN/inf loss (last at step 4)" in log, log[-2000:]
+    assert log.count("non-finite loss, step skipped") == 3
+    first = metrics(runs.root / name)[0]
+    assert first["step"] == 1 and math.isfinite(first["loss"])  # the one step before the blow-up was logged
