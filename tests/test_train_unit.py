@@ -117,9 +117,28 @@ def test_streaming_path_yields_full_batches_and_counts_corrupt(digits, tiny, tmp
     transform, tokenizer = tiny
     bad = _corrupt_copy(digits, tmp_path / "bad")
     loader = data_lib.build_streaming_loader(str(bad), "train", 8, 0, 0, 0, transform, tokenizer, 0, 16)
-    batches = [batch for _, batch in zip(range(12), loader)]
+    batches, shard0_keys = [], 0
+    for batch in loader:  # read until shard 0 (which holds the bad JPEG) has surely been streamed through
+        batches.append(batch)
+        shard0_keys += sum(int(key) < 32 for key in batch["keys"])
+        if shard0_keys >= 64 or len(batches) >= 400:
+            break
+    assert shard0_keys >= 64, "the resampled stream never visited shard 0"
     assert all(batch["image"].shape == (8, 3, 32, 32) for batch in batches)
-    assert sum(batch["skipped"] for batch in batches) >= 1  # the bad JPEG in shard 0 is met and counted
+    assert sum(batch["skipped"] for batch in batches) >= 1  # the bad JPEG (and the truncated shard) are counted
+
+
+def test_streaming_path_is_a_function_of_seed_rank_and_start_step(digits, tiny):
+    transform, tokenizer = tiny
+
+    def keys(rank: int, seed: int, start_step: int) -> list:
+        loader = data_lib.build_streaming_loader(str(digits), "train", 8, rank, seed, start_step,
+                                                 transform, tokenizer, 0, 16)
+        return [key for _, batch in zip(range(6), loader) for key in batch["keys"]]
+
+    reference = keys(0, 0, 0)
+    assert keys(0, 0, 0) == reference  # reproducible, not seeded from pid/time
+    assert keys(1, 0, 0) != reference and keys(0, 1, 0) != reference and keys(0, 0, 5) != reference
 
 
 def test_launcher_discovery_slurm_torchrun_single():

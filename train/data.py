@@ -189,10 +189,23 @@ class StreamingBatches(torch.utils.data.IterableDataset):
 
         worker = torch.utils.data.get_worker_info()
         seed = self.seed * 1000 + (worker.id if worker else 0)
-        stream = wds.WebDataset(self.urls, resampled=True, shardshuffle=False, seed=seed,
-                                handler=wds.warn_and_continue).shuffle(self.shuffle_buffer, rng=random.Random(seed))
+        unreadable = []  # tar-level errors (truncated shard, bad member): counted, not silently swallowed
+
+        def count_and_continue(err: Exception) -> bool:
+            unreadable.append(err)
+            log.warning("skipping unreadable streamed shard data: %s", err)
+            return True
+
+        # wds.WebDataset(resampled=True) ignores its seed for shard choice (it mixes in pid and time), so the
+        # pipeline is spelled out with a deterministic ResampledShards: the stream is a function of the seed.
+        stream = wds.DataPipeline(
+            wds.ResampledShards(self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True),
+            wds.tarfile_to_samples(handler=count_and_continue),
+            wds.shuffle(self.shuffle_buffer, rng=random.Random(seed)))
         batch, skipped = [], 0
         for raw in stream:
+            skipped += len(unreadable)
+            unreadable.clear()
             try:
                 batch.append(decode_sample({k: v for k, v in raw.items()}, self.transform, self.tokenizer))
             except Exception as err:
