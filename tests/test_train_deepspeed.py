@@ -291,3 +291,20 @@ def test_nan_losses_are_skipped_then_abort_with_a_clear_message(runs):
     assert log.count("non-finite loss, step skipped") == 3
     first = metrics(runs.root / name)[0]
     assert first["step"] == 1 and math.isfinite(first["loss"])  # the one step before the blow-up was logged
+
+
+def test_zero_stage0_on_two_ranks_equals_one_rank(runs):
+    """Stage 0 (plain data parallel inside DeepSpeed) takes its own gradient-averaging path."""
+    zero0, reference = runs.get("zero0_2ranks", 2, ["zero.stage=0"]), runs.ref_1rank()
+    assert_same_trajectory(metrics(zero0), metrics(reference))
+    assert_weights_close(exported(zero0), exported(reference), WEIGHT_ATOL)
+
+
+def test_streaming_path_trains_through_deepspeed_on_two_ranks(runs):
+    run_dir = runs.get("streaming_2ranks", 2, ["zero.stage=2", "data.streaming=true", "data.shuffle_buffer=32"])
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert sum(r["loss"] for r in records[-3:]) / 3 < sum(r["loss"] for r in records[:3]) / 3 - 0.05
+    r0, r1 = sample_keys(run_dir, 0), sample_keys(run_dir, 1)
+    assert all(len(r0[s]) == len(r1[s]) == 8 for s in range(12))
+    assert any(r0[s] != r1[s] for s in range(12))  # each rank draws its own stream
