@@ -60,7 +60,13 @@ def cmd_demo(args) -> None:
         "reshard": {"train_split": "test", "val_fraction": 0.0}, "dedup": {"by_content": False}}))
     sizes = demo_sizes(args.fast)
     sizes = {"train": args.train_per_class or sizes["train"], "test": args.test_per_class or sizes["test"]}
-    with LoopbackServer(source / "images", port=args.port) as server:
+    # A fixed port keeps the URL list identical between runs, so a rerun resumes instead of re-downloading.
+    try:
+        server_context = LoopbackServer(source / "images", port=args.port)
+    except OSError as err:
+        raise SystemExit(f"cannot serve the demo images on 127.0.0.1:{args.port} ({err}); "
+                         "pass --port N (make shards ARGS='--port N') with a free port") from err
+    with server_context as server:
         print(f"serving {source / 'images'} at {server.base_url}")
         for split, dataset, split_cfg in (("train", out, cfg), ("test", test_out, test_cfg)):
             urls = build_source(source, split, server.base_url, sizes[split], seed=cfg.reshard.seed)

@@ -56,3 +56,19 @@ def test_demo_builds_disjoint_train_and_test_sets(tmp_path):
     assert np.bincount([json.loads(s["json"])["label"] for s in test_samples["test"]]).tolist() == [8] * 10
     for folder in (out, test_out):
         assert (folder / "classnames.txt").read_text().splitlines() == CLASSNAMES
+
+
+def test_demo_on_a_busy_port_says_which_and_how_to_choose_another(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--out", str(tmp_path / "d"), "--fast",
+                              "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"127.0.0.1:{port}" in out.stderr and "--port N" in out.stderr
+    assert not (tmp_path / "d").exists()  # nothing half-built

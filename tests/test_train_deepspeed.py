@@ -308,3 +308,20 @@ def test_streaming_path_trains_through_deepspeed_on_two_ranks(runs):
     r0, r1 = sample_keys(run_dir, 0), sample_keys(run_dir, 1)
     assert all(len(r0[s]) == len(r1[s]) == 8 for s in range(12))
     assert any(r0[s] != r1[s] for s in range(12))  # each rank draws its own stream
+
+
+def test_elastic_resume_of_a_stage0_checkpoint_two_ranks_to_one(runs):
+    """Stage 0 keeps the optimizer state whole, so it resumes on another world size without conversion."""
+    source, reference = runs.get("zero0_2ranks", 2, ["zero.stage=0"]), runs.ref_1rank()
+    run_dir = runs.root / "zero0_elastic"
+    shutil.copytree(source, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000012")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000008")
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in metrics(run_dir) if r["step"] <= 8))
+    codes = runs.run(1, runs.base("zero0_elastic") + ["zero.stage=0", "run.resume=latest"])
+    assert codes == [0], f"see {runs.root}/zero0_elastic.rank0.log"
+    assert "resumed from" in (runs.root / "zero0_elastic.rank0.log").read_text()
+    assert not list((run_dir / "checkpoints").glob("*_universal"))
+    assert_same_trajectory(metrics(run_dir), metrics(reference))
+    assert_weights_close(exported(run_dir), exported(reference), WEIGHT_ATOL)

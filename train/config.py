@@ -51,6 +51,9 @@ class OptimConfig:
     """AdamW beta2."""
     eps: float = 1e-6
     """AdamW epsilon."""
+    fused_adamw: bool = True
+    """torch's fused AdamW kernel (CPU and CUDA): one pass over the flat ZeRO partition instead of ~12
+    element-wise passes. Measured 8x faster per optimizer step on CPU; false = the per-op reference."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping threshold (0 disables)."""
     max_logit_scale: float = 100.0
