@@ -11,6 +11,7 @@ N ≥ 8k and for the CLIP memory cases, whose point is memory).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -105,8 +106,11 @@ def _measure(case: dict) -> dict:
 
 
 def _run_case(case: dict) -> dict:
+    # A fixed glibc mmap threshold (it is dynamic by default, up to 32 MiB) sends every large buffer to
+    # mmap and back to the OS when freed, so resident memory tracks live tensors instead of heap reuse.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_losses", json.dumps(case)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -150,7 +154,8 @@ def run(quick: bool) -> str:
            "matrices of CyCLIP's reference; Gram: `train.losses.cyclic_regularizers` (three d×d",
            "Gram matrices, combined in fp64, hand-written backward). Peak = extra resident memory of",
            "the fwd+bwd in a fresh, warmed-up subprocess (resident high-water mark, reset just before,",
-           "minus the resident size then; inputs allocated before). Working = peak minus the 2·N·d input gradients, which every method",
+           "minus the resident size then; inputs allocated before; glibc's mmap threshold fixed so that",
+           "freed buffers leave the resident set). Working = peak minus the 2·N·d input gradients, which every method",
            "must return (they are the loss's output to the encoders); the issue's ≥100x memory",
            "target is read on working memory, the peak ratio is shown beside it. The max relative",
            "difference is between the two values of the same run.", ""]
