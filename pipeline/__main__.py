@@ -2,7 +2,8 @@
 
   run       --urls FILE|DIR --out OUT [--config YAML] [key=value ...]   every stage
   demo      --out data/fmnist [--fast] [--port N]                        embedded Fashion-MNIST, offline
-  parts     --urls FILE|DIR --out OUT       register the input parts, print their count (array size)
+  parts     --urls FILE|DIR --out OUT       register + normalise the input parts and drop duplicate URLs
+                                            (before any download); print their count (array size)
   part      --out OUT --index I             input + download + filter + scatter of part I (an array task)
   global    --out OUT                       dedup + reshard + finalize (after all parts)
   dedup     --out OUT [--partition P]       the two dedup passes (or one partition of each)
@@ -11,11 +12,14 @@
   serve     DIR [--port N]                  serve a folder on 127.0.0.1 (for trials with local files)
 
 A stage run alone reads the config saved in OUT/_work/config.yaml by the first command.
+A user error (missing file, bad column, bad config) ends with one line on stderr and exit code 2;
+--debug (anywhere on the line) shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import traceback
 import os
 import sys
 import time
@@ -28,6 +32,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from pipeline import run as stages  # noqa: E402
 from pipeline.config import ConfigError, load_config, to_yaml  # noqa: E402
 from pipeline.manifest import atomic_write_text  # noqa: E402
+from pipeline.read_input import InputError  # noqa: E402
 from pipeline.settings import IngestConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,9 +84,11 @@ def cmd_demo(args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "demo", "parts", "part", "global", "dedup", "reshard", "finalize"):
         p = sub.add_parser(name)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("--out", required=True, help="dataset folder to write")
         p.add_argument("--config", default=None, help="YAML config (see configs/shards_*.yaml)")
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -102,15 +109,28 @@ def main(argv=None) -> int:
             p.add_argument("--train-per-class", type=int, default=None, help="subset size (default: all)")
             p.add_argument("--test-per-class", type=int, default=None, help="subset size (default: all)")
     p = sub.add_parser("serve")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("folder")
     p.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if "--debug" in (args.overrides if hasattr(args, "overrides") else []):
+        args.overrides.remove("--debug")  # after a positional, argparse hands it to overrides
+        args.debug = True
     try:
         return dispatch(args) or 0
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if args.debug:
+            traceback.print_exc()
+        kind = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"{kind}: {' '.join(str(err).split())}" + ("" if args.debug else "  (--debug shows the traceback)"),
+              file=sys.stderr)
         return 2
+
+
+# What a user can cause and fix: one line, no traceback. Anything else is a bug and shows one.
+USER_ERRORS = (ConfigError, InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
 
 
 def dispatch(args) -> int | None:
@@ -129,7 +149,7 @@ def dispatch(args) -> int | None:
     if args.command == "run":
         stages.run_all(args.urls, out, cfg)
     elif args.command == "parts":
-        print(len(stages.register_parts(args.urls, work)))
+        print(len(stages.prepare_parts(args.urls, cfg, work)))
     elif args.command == "part":
         stages.run_part(args.index, stages.registered_parts(work), cfg, work)
     elif args.command == "global":

@@ -1,6 +1,7 @@
 """Caption cleaning and caption rules. Pure functions: bytes/str in, (caption, reason) out."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional, Tuple
 
@@ -15,8 +16,9 @@ _WORDCHAR = re.compile(r"[^\W_]")  # a letter or digit in any script
 
 def decode_caption(raw) -> Tuple[Optional[str], Optional[str]]:
     """bytes/str/None -> (text, reason). Invalid UTF-8 (or lone surrogates, which is how
-    surrogateescape-decoded JSON carries it) is a counted reason, never a crash."""
-    if raw is None:
+    surrogateescape-decoded JSON carries it) is a counted reason, never a crash. None, NaN,
+    +-Infinity and booleans (a float/bool parquet column) are no text: (None, None)."""
+    if raw is None or isinstance(raw, bool) or (isinstance(raw, float) and not math.isfinite(raw)):
         return None, None
     if isinstance(raw, (bytes, bytearray, memoryview)):
         try:

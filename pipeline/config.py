@@ -1,14 +1,20 @@
 """Typed configuration: YAML files + ``key=value`` overrides, validated into dataclasses.
 
 OmegaConf does the merging and type checking (structured configs); this module only turns its
-errors into one clear message that names the offending key and where it came from.
+errors into one clear message that names the offending key and where it came from, and keeps
+YAML 1.1 from rewriting what the user typed into a string field: ``resize_mode: no`` (or ``off``,
+``yes``, ``1.10``) would reach the schema as False / 1.1 and be stringified to "False" / "1.1".
+Every str field (also inside List[str] / Dict[str, str] / Optional[str]) of every schema gets the
+scalar exactly as written instead.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterable, Type, TypeVar
+import typing
+from typing import Any, Dict, Iterable, Tuple, Type, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -28,6 +34,61 @@ def _merge(base, update, source: str):
         raise ConfigError(f"{source}: bad config key '{key}': {msg}") from None
 
 
+def _scalar_texts(node, prefix: Tuple = ()) -> Dict[Tuple, str]:
+    """{key path: the text as written} for every non-string YAML scalar under ``node``."""
+    out: Dict[Tuple, str] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            out.update(_scalar_texts(value_node, prefix + (str(key_node.value),)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.update(_scalar_texts(item, prefix + (i,)))
+    elif isinstance(node, yaml.ScalarNode) and node.tag != "tag:yaml.org,2002:str":
+        out[prefix] = node.value
+    return out
+
+
+def _restore_strings(tp, value, texts: Dict[Tuple, str], path: Tuple, source: str):
+    """``value`` (plain containers) with every bool/int/float that sits in a str field of schema
+    type ``tp`` replaced by its text as written (from ``texts``)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        non_none = [a for a in args if a is not type(None)]
+        return _restore_strings(non_none[0], value, texts, path, source) if len(non_none) == 1 else value
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        return {k: _restore_strings(hints[k], v, texts, path + (k,), source) if k in hints else v
+                for k, v in value.items()}
+    if origin in (list, tuple, typing.List, typing.Tuple) and isinstance(value, list) and args:
+        return [_restore_strings(args[0], v, texts, path + (i,), source) for i, v in enumerate(value)]
+    if origin in (dict, typing.Dict) and isinstance(value, dict) and len(args) == 2:
+        return {k: _restore_strings(args[1], v, texts, path + (k,), source) for k, v in value.items()}
+    if tp is str and isinstance(value, (bool, int, float)):
+        text = texts.get(path)
+        if text is None:
+            key = ".".join(str(p) for p in path)
+            raise ConfigError(f"{source}: key '{key}' is a string field but got {value!r}; quote it")
+        return text
+    return value
+
+
+def _as_written(schema, conf, texts: Dict[Tuple, str], source: str):
+    container = OmegaConf.to_container(conf, resolve=False)
+    return OmegaConf.create(_restore_strings(schema, container, texts, (), source))
+
+
+def _override_texts(overrides) -> Dict[Tuple, str]:
+    texts: Dict[Tuple, str] = {}
+    for item in overrides:
+        key, raw = item.split("=", 1)
+        try:
+            node = yaml.compose(raw, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            continue  # OmegaConf reports the parse error itself
+        texts.update(_scalar_texts(node, tuple(key.lstrip("+~").split("."))))
+    return texts
+
+
 def load_config(schema: Type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Build ``schema`` from its defaults, then ``path`` (YAML), then ``key=value`` overrides.
 
@@ -39,10 +100,15 @@ def load_config(schema: Type[T], path: str | Path | None = None, overrides: Iter
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = OmegaConf.load(path)
+            text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the YAML
+            loaded = OmegaConf.create(text)
+            texts = _scalar_texts(yaml.compose(text, Loader=yaml.SafeLoader))
         except Exception as err:  # yaml errors carry line numbers in their text
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        cfg = _merge(cfg, loaded, str(path))
+            raise ConfigError(f"{path}: not valid YAML: {str(err).replace(chr(10), ' ')}") from None
+        if loaded is not None and not OmegaConf.is_dict(loaded):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+        if loaded:
+            cfg = _merge(cfg, _as_written(schema, loaded, texts, str(path)), str(path))
     overrides = list(overrides)
     for item in overrides:
         if "=" not in item:
@@ -52,15 +118,23 @@ def load_config(schema: Type[T], path: str | Path | None = None, overrides: Iter
             dotlist = OmegaConf.from_dotlist(overrides)
         except OmegaConfBaseException as err:
             raise ConfigError(f"command line: cannot parse overrides {overrides}: {err}") from None
-        cfg = _merge(cfg, dotlist, "command line")
+        cfg = _merge(cfg, _as_written(schema, dotlist, _override_texts(overrides), "command line"),
+                     "command line")
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"bad config key '{key}': {str(err).splitlines()[0]}") from None
+    except (ValueError, TypeError) as err:  # a section's __post_init__ check (it names its key)
+        raise ConfigError(" ".join(str(err).split())) from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as err:  # schemas outside pipeline/ raise ValueError naming the key
+            raise ConfigError(" ".join(str(err).split())) from None
     return obj
 
 

@@ -1,4 +1,13 @@
-"""Stage 4, dedup: exact duplicates by URL, then by image content hash, over the whole dataset.
+"""Dedup: exact duplicates by URL *before download* (pass 0), then by image content hash after it.
+
+Pass 0 runs between the input and the download stage, so a duplicate URL costs no request:
+
+  scatter_input_urls(part)  input/part-P.parquet (row_key, url) -> pre_url/pXXXX/part-P.parquet
+  reduce_input_urls(p)      pre_url/pXXXX/*  -> pre_url/dups-pXXXX.parquet (row keys to skip)
+  duplicate_keys(part)      the row keys of part P that the download stage skips
+
+The passes below run after download (the URL pass there finds nothing pass 0 left, unless URL
+dedup was off before download and on after; it stays so the stages keep one shape):
 
 Columnar (pyarrow) over the filter stage's metadata; images are never re-read. Two map/reduce
 passes, each hash-partitioned so that a reduce task holds one partition in memory and the
@@ -66,6 +75,51 @@ def scatter_part(part: int, cfg: IngestConfig, work: Path) -> None:
     buckets = url_partition(table["url"].to_pylist(), P) if table.num_rows else np.zeros(0, np.int64)
     _scatter(table, buckets, P, lambda p: work / "dedup" / "by_url" / f"p{p:04d}" / f"part-{part:05d}.parquet")
     atomic_write_text(marker, json.dumps({"part": part, "rows": table.num_rows}))
+
+
+def scatter_input_urls(part: int, cfg: IngestConfig, work: Path) -> None:
+    """Map of pass 0: the (row_key, url) of one normalised input part into the URL partitions."""
+    folder = work / "dedup" / "pre_url"
+    marker = folder / f"_scattered-{part:05d}.json"
+    if marker.exists():
+        return
+    table = pq.read_table(work / "input" / f"part-{part:05d}.parquet", columns=["row_key", "url"])
+    P = cfg.dedup.partitions
+    buckets = url_partition(table["url"].to_pylist(), P) if table.num_rows else np.zeros(0, np.int64)
+    _scatter(table, buckets, P, lambda p: folder / f"p{p:04d}" / f"part-{part:05d}.parquet")
+    atomic_write_text(marker, json.dumps({"part": part, "rows": table.num_rows}))
+
+
+def reduce_input_urls(p: int, n_parts: int, cfg: IngestConfig, work: Path) -> Dict:
+    """Reduce of pass 0: in partition p, every row whose URL a smaller row key also has."""
+    folder = work / "dedup" / "pre_url"
+    marker = folder / f"_reduced-p{p:04d}.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    table = _read_bucket(folder / f"p{p:04d}", n_parts)
+    if table.num_rows and cfg.dedup.by_url:
+        dups = table.filter(pa.array(~_first_of_each_group(table, "url"))).select(["row_key"])
+        dups = dups.sort_by("row_key")
+    else:
+        dups = pa.table({"row_key": pa.array([], pa.string())})
+    _write(dups, folder / f"dups-p{p:04d}.parquet")
+    result = {"partition": p, "rows": table.num_rows, "duplicate_url": dups.num_rows}
+    atomic_write_text(marker, json.dumps(result))
+    return result
+
+
+def duplicate_keys(part: int, cfg: IngestConfig, work: Path) -> pa.Array:
+    """Row keys of ``part`` that pass 0 found to repeat an earlier URL (memory: this part's)."""
+    folder = work / "dedup" / "pre_url"
+    prefix = f"{part:05d}"
+    keys = []
+    for p in range(cfg.dedup.partitions):
+        if not (folder / f"_reduced-p{p:04d}.json").exists():
+            raise FileNotFoundError(f"URL dedup before download has not run for partition {p} "
+                                    f"({folder}); run `python -m pipeline parts` (or `run`) first")
+        col = pq.read_table(folder / f"dups-p{p:04d}.parquet")["row_key"]
+        keys.append(col.filter(pc.starts_with(col, prefix)))
+    return pa.concat_arrays([k.combine_chunks() for k in keys]) if keys else pa.array([], pa.string())
 
 
 def _first_of_each_group(table: pa.Table, column: str) -> np.ndarray:

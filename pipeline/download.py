@@ -1,7 +1,9 @@
-"""Stage 2, download: one normalised input part -> img2dataset (webdataset output) under
-WORK/download/part-00003/. img2dataset does the fetching, retries, timeouts, resizing, hashing and
-its own incremental resume; this module only runs it, checks every shard it claims to have
-finished, and turns its free-text error messages into counted failure reasons.
+"""Stage 2, download: one normalised input part, less its duplicate URLs (dedup pass 0) ->
+img2dataset (webdataset output) under WORK/download/part-00003/. img2dataset does the fetching,
+timeouts, resizing, hashing and its own incremental resume, through our fetch front
+(pipeline.fetch: Retry-After and backoff, 16-bit and EXIF-orientation repair); this module runs
+them, checks every shard img2dataset claims to have finished, and turns its free-text error
+messages into counted failure reasons.
 """
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.dedup import duplicate_keys
+from pipeline.fetch import FetchFront, FrontSettings
 from pipeline.manifest import atomic_write_text
 from pipeline.settings import IngestConfig
 
@@ -36,8 +42,11 @@ FAILURE_REASONS = [
 ]
 
 
+_FRONT_FAILURE = re.compile(r"^HTTP Error 599: ", re.S)  # the fetch front's "failed, here is why"
+
+
 def classify_failure(message: str | None) -> str:
-    message = message or ""
+    message = _FRONT_FAILURE.sub("", message or "", count=1)
     for pattern, reason in FAILURE_REASONS:
         match = pattern.search(message)
         if match:
@@ -80,36 +89,60 @@ def download_part(part: int, cfg: IngestConfig, work: Path) -> Dict:
     src = work / "input" / f"part-{part:05d}.parquet"
     if not (work / "input" / f"part-{part:05d}.json").exists():
         raise FileNotFoundError(f"input part {part} is not normalised yet ({src})")
-    rows = pq.read_metadata(src).num_rows
+    table = pq.read_table(src)
+    dups = duplicate_keys(part, cfg, work)
+    if len(dups):
+        table = table.filter(pc.invert(pc.is_in(table["row_key"], value_set=dups)))
+    rows = table.num_rows
     d = cfg.download
     oom = 5
     n_shards = math.ceil(rows / d.number_sample_per_shard)
     out.mkdir(parents=True, exist_ok=True)
     if rows:
         _remove_incomplete(out, n_shards, oom)
-        _run_img2dataset(src, out, cfg)
+        _run_img2dataset(table, out, cfg)
     missing = [f"{i:0{oom}d}" for i in range(n_shards) if not _shard_complete(out, f"{i:0{oom}d}")]
     if missing:
         raise RuntimeError(f"img2dataset left shards {missing} of part {part} incomplete; rerun to resume")
     shutil.rmtree(out / "_tmp", ignore_errors=True)
-    result = {"part": part, "rows_sent": rows, "shards": [f"{i:0{oom}d}" for i in range(n_shards)]}
+    result = {"part": part, "rows_sent": rows, "duplicate_urls_skipped": len(dups), "shards": [f"{i:0{oom}d}" for i in range(n_shards)]}
     atomic_write_text(marker, json.dumps(result, indent=1))
     return result
 
 
-def _run_img2dataset(src: Path, out: Path, cfg: IngestConfig) -> None:
-    # Both must be in the environment before img2dataset (and cv2 in its workers) is imported.
+def front_settings(cfg: IngestConfig) -> FrontSettings:
+    d = cfg.download
+    return FrontSettings(timeout=d.timeout, retries=d.retries, retry_after_cap=d.retry_after_cap,
+                         backoff_seconds=d.backoff_seconds, user_agent_token=d.user_agent_token)
+
+
+def _run_img2dataset(table: pa.Table, out: Path, cfg: IngestConfig) -> None:
+    # Both must be in the environment before img2dataset (and cv2 in its workers and in the
+    # fetch front's) is imported.
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
     os.environ["CV_IO_MAX_IMAGE_PIXELS"] = str(cfg.download.max_decode_pixels)
+    fetch_list = out / "_fetch.parquet"  # rewritten each run: the front's ports change
+    table = table.append_column("source_url", table["url"])
+    if not cfg.download.fetch_front:
+        pq.write_table(table, fetch_list)
+        return _img2dataset(fetch_list, out, cfg, timeout=cfg.download.timeout, retries=cfg.download.retries)
+    settings = front_settings(cfg)
+    with FetchFront(settings, processes=cfg.download.processes_count) as front:
+        urls = pa.array([front.url_for(u) for u in table["url"].to_pylist()], pa.string())
+        pq.write_table(table.set_column(table.column_names.index("url"), "url", urls), fetch_list)
+        _img2dataset(fetch_list, out, cfg, timeout=math.ceil(settings.client_timeout()), retries=0)
+
+
+def _img2dataset(fetch_list: Path, out: Path, cfg: IngestConfig, timeout: int, retries: int) -> None:
     from img2dataset import download  # heavy import; only the download stage needs it
 
     d = cfg.download
     download(
-        url_list=str(src),
+        url_list=str(fetch_list),
         input_format="parquet",
         url_col="url",
         caption_col="caption",
-        save_additional_columns=["row_key", *cfg.input.keep_columns],
+        save_additional_columns=["row_key", "source_url", *cfg.input.keep_columns],
         output_folder=str(out),
         output_format="webdataset",
         incremental_mode="incremental",
@@ -120,8 +153,8 @@ def _run_img2dataset(src: Path, out: Path, cfg: IngestConfig) -> None:
         encode_quality=d.encode_quality,
         processes_count=d.processes_count,
         thread_count=d.thread_count,
-        timeout=d.timeout,
-        retries=d.retries,
+        timeout=timeout,
+        retries=retries,
         number_sample_per_shard=d.number_sample_per_shard,
         compute_hash=d.compute_hash,
         user_agent_token=d.user_agent_token,

@@ -69,6 +69,8 @@ def filter_part(part: int, cfg: IngestConfig, work: Path) -> Dict:
         good = meta.filter(ok)
         if good.num_rows == 0:
             continue
+        if "source_url" in good.column_names:  # the URL img2dataset fetched was the fetch front's
+            good = good.set_column(good.column_names.index("url"), "url", good["source_url"])
         index = tar_index(src / f"{shard}.tar", cfg.download.encode_format)
         keep_mask, offsets, sizes = [], [], []
         for key, w, h in zip(good["key"].to_pylist(), good["original_width"].to_pylist(),

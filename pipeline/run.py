@@ -15,11 +15,11 @@ from typing import Callable, Dict, Iterable, List
 
 from tqdm import tqdm
 
-from pipeline.dedup import reduce_content, reduce_url, scatter_part
+from pipeline.dedup import reduce_content, reduce_input_urls, reduce_url, scatter_input_urls, scatter_part
 from pipeline.download import download_part
 from pipeline.filter import filter_part
 from pipeline.manifest import atomic_write_text
-from pipeline.read_input import list_input_files, normalize_part
+from pipeline.read_input import InputError, list_input_files, normalize_part
 from pipeline.reshard import plan, reshard_partition
 from pipeline.settings import IngestConfig
 from pipeline.summary import finalize, format_summary
@@ -38,7 +38,7 @@ def register_parts(urls: str | Path, work: Path) -> List[Path]:
     if record.exists():
         known = [Path(p) for p in json.loads(record.read_text())]
         if known != files:
-            raise RuntimeError(f"{record}: the input files changed since this work folder was started "
+            raise InputError(f"{record}: the input files changed since this work folder was started "
                                f"({len(known)} then, {len(files)} now); use a new OUT or delete {work}")
     else:
         work.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def register_parts(urls: str | Path, work: Path) -> List[Path]:
 def registered_parts(work: Path) -> List[Path]:
     record = work / "parts.json"
     if not record.exists():
-        raise FileNotFoundError(f"{record} not found: run `python -m pipeline parts` (or `run`) first")
+        raise InputError(f"{record} not found: run `python -m pipeline parts` (or `run`) first")
     return [Path(p) for p in json.loads(record.read_text())]
 
 
@@ -57,18 +57,17 @@ def _each(name: str, fn: Callable, items: Iterable, workers: int) -> list:
     """Run fn over items (in a process pool when workers > 1) with a progress bar."""
     items = list(items)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(items), desc=f"{name:>9}", unit="task", leave=True)
     results = []
-    if workers > 1 and len(items) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
-            for result in pool.map(fn, items):
-                results.append(result)
+    with tqdm(total=len(items), desc=f"{name:>9}", unit="task", leave=True) as bar:  # closed on errors too
+        if workers > 1 and len(items) > 1:
+            with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
+                for result in pool.map(fn, items):
+                    results.append(result)
+                    bar.update()
+        else:
+            for item in items:
+                results.append(fn(item))
                 bar.update()
-    else:
-        for item in items:
-            results.append(fn(item))
-            bar.update()
-    bar.close()
     log.info("%s: %d tasks in %.1f s", name, len(items), time.perf_counter() - t0)
     return results
 
@@ -89,6 +88,22 @@ def _normalize(i: int, files: List[Path], cfg: IngestConfig, work: Path) -> Dict
 
 def run_input(files: List[Path], cfg: IngestConfig, work: Path) -> list:
     return _each("input", _Unit(_normalize, files, cfg, work), range(len(files)), cfg.workers)
+
+
+def run_url_dedup(n_parts: int, cfg: IngestConfig, work: Path) -> None:
+    """Exact URL duplicates are found before download, so they cost no request (dedup pass 0)."""
+    workers = _workers_for(cfg, work, "input", "accepted")
+    _each("scatter-url", _Unit(scatter_input_urls, cfg, work), range(n_parts), workers)
+    _each("dedup-url", _Unit(reduce_input_urls, n_parts, cfg, work), range(cfg.dedup.partitions), workers)
+
+
+def prepare_parts(urls: str | Path, cfg: IngestConfig, work: Path) -> List[Path]:
+    """Register, normalise and URL-deduplicate every input part: what must be global before any
+    download starts (the `parts` command, i.e. the SLURM submit job)."""
+    files = register_parts(urls, work)
+    run_input(files, cfg, work)
+    run_url_dedup(len(files), cfg, work)
+    return files
 
 
 def run_download(n_parts: int, cfg: IngestConfig, work: Path) -> list:
@@ -115,7 +130,7 @@ def run_dedup(n_parts: int, cfg: IngestConfig, work: Path) -> None:
     P = cfg.dedup.partitions
     workers = _workers_for(cfg, work, "filter", "kept")
     _each("scatter", _Unit(scatter_part, cfg, work), range(n_parts), workers)
-    _each("dedup-url", _Unit(reduce_url, n_parts, cfg, work), range(P), workers)
+    _each("dedup-url2", _Unit(reduce_url, n_parts, cfg, work), range(P), workers)
     _each("dedup-img", _Unit(reduce_content, cfg, work), range(P), workers)
 
 
@@ -127,7 +142,7 @@ def run_reshard(cfg: IngestConfig, work: Path, out: Path, only: int | None = Non
 
 
 def run_part(i: int, files: List[Path], cfg: IngestConfig, work: Path) -> None:
-    """Everything that needs only part i: one SLURM array task."""
+    """Everything that needs only part i: one SLURM array task (after `parts`)."""
     normalize_part(files[i], i, cfg, work)
     download_part(i, cfg, work)
     filter_part(i, cfg, work)
@@ -145,9 +160,8 @@ def run_all(urls: str | Path, out: str | Path, cfg: IngestConfig) -> Dict:
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
     out = Path(out)
     work = work_dir(cfg, out)
-    files = register_parts(urls, work)
     t0 = time.perf_counter()
-    run_input(files, cfg, work)
+    files = prepare_parts(urls, cfg, work)
     run_download(len(files), cfg, work)
     run_filter(len(files), cfg, work)
     run_dedup(len(files), cfg, work)

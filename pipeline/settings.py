@@ -16,7 +16,17 @@ class InputConfig:
     caption_col: str = "caption"
     """Column holding the caption."""
     format: str = "auto"
-    """parquet | csv | tsv | jsonl | auto (from the file extension)."""
+    """parquet | csv | tsv | jsonl | auto (from the file extension). Quoting: csv follows RFC 4180
+    (a field that starts with a double quote runs to the closing quote, newlines included; "" is a
+    literal quote); tsv has no quoting at all (every physical line is a row, quotes are kept
+    verbatim), as in CC3M / CC12M and the IANA text/tab-separated-values type."""
+    tsv_quoting: bool = False
+    """True: tsv follows the csv quoting rule too (what pandas' to_csv(sep="\\t") writes when a field
+    holds a tab, newline or quote). Off by default: CC3M/CC12M-style TSVs are not quoted."""
+    columns: Optional[List[str]] = None
+    """Names of the columns of a csv/tsv file WITHOUT a header row, in file order: CC3M's
+    Train_GCC-training.tsv is [caption, url], CC12M's cc12m.tsv is [url, caption]. None: the first
+    line is the header."""
     keep_columns: List[str] = field(default_factory=list)
     """Extra input columns carried into each sample's .json (e.g. a license or a class label)."""
     csv_block_bytes: int = 64 << 20
@@ -53,6 +63,19 @@ class DownloadConfig:
     timeout: int = 10
     """Seconds before a stalled request counts as failed (reason: timeout)."""
     retries: int = 0
+    """Retries of a retryable failure (HTTP 408/429/500/502/503/504, timeout, reset connection),
+    each after max(Retry-After, backoff_seconds * 2**attempt) seconds. Done by our fetch front,
+    not by img2dataset (whose retries go out back to back and ignore Retry-After)."""
+    retry_after_cap: float = 60.0
+    """Longest wait (s) a Retry-After may ask for. A host asking for more is not asked again (the
+    row fails as http_429 / http_503), and the host's other rows fail fast until that time."""
+    backoff_seconds: float = 1.0
+    """First backoff step (s) when a retryable failure carries no Retry-After."""
+    fetch_front: bool = True
+    """Fetch through the local fetch front (pipeline.fetch): Retry-After, UTF-8/IDNA URL encoding
+    and image normalisation (16-bit -> 8-bit, EXIF orientation applied) before img2dataset decodes.
+    False: img2dataset fetches directly (faster on a clean list, none of those fixes). The front
+    listens on 127.0.0.1: with distributor=pyspark on executors of other machines, set False."""
     number_sample_per_shard: int = 10000
     """img2dataset shard size of the intermediate download folder (not the final shards)."""
     compute_hash: str = "sha256"
@@ -120,5 +143,25 @@ class IngestConfig:
             raise ConfigError(f"dedup.partitions must be in [1, 4096], got {self.dedup.partitions}")
         if self.reshard.samples_per_shard < 1:
             raise ConfigError("reshard.samples_per_shard must be >= 1")
-        if self.input.format not in ("auto", "parquet", "csv", "tsv", "jsonl"):
-            raise ConfigError(f"input.format must be auto|parquet|csv|tsv|jsonl, got '{self.input.format}'")
+        choices = {
+            "input.format": (self.input.format, ("auto", "parquet", "csv", "tsv", "jsonl")),
+            "download.resize_mode": (self.download.resize_mode,
+                                     ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")),
+            "download.encode_format": (self.download.encode_format, ("jpg", "png", "webp")),
+            "download.compute_hash": (self.download.compute_hash, ("sha256",)),  # dedup reads sha256
+            "download.distributor": (self.download.distributor, ("multiprocessing", "pyspark", "ray")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key} must be one of {'|'.join(allowed)}, got '{value}'")
+        if self.download.encode_format == "png" and not 0 <= self.download.encode_quality <= 9:
+            raise ConfigError("download.encode_quality is the PNG compression level (0-9) with encode_format=png, "
+                              f"got {self.download.encode_quality}")
+        if self.input.columns is not None:
+            missing = [c for c in (self.input.url_col, self.input.caption_col, *self.input.keep_columns)
+                       if c not in self.input.columns]
+            if missing or len(set(self.input.columns)) != len(self.input.columns):
+                raise ConfigError(f"input.columns {self.input.columns} must name each column once and include "
+                                  f"input.url_col / caption_col / keep_columns (missing: {missing})")
+        if self.download.retries < 0 or self.download.retry_after_cap < 0 or self.download.backoff_seconds < 0:
+            raise ConfigError("download.retries, retry_after_cap and backoff_seconds must be >= 0")

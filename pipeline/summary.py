@@ -33,7 +33,8 @@ def build_summary(n_parts: int, cfg: IngestConfig, work: Path) -> Dict:
         failed.update(counts["failed"])
         filtered.update(counts["filtered"])
     P = cfg.dedup.partitions
-    dup_url = sum(_load(work / "dedup" / "by_url" / f"_reduced-p{p:04d}.json")["duplicate_url"] for p in range(P))
+    dup_url = sum(_load(work / "dedup" / "pre_url" / f"_reduced-p{p:04d}.json")["duplicate_url"] +  # before download
+                  _load(work / "dedup" / "by_url" / f"_reduced-p{p:04d}.json")["duplicate_url"] for p in range(P))
     dup_content = sum(_load(work / "dedup" / "final" / f"q{q:04d}.json")["duplicate_content"] for q in range(P))
     written: Counter = Counter()
     shards: Dict[str, list] = {}
