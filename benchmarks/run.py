@@ -57,13 +57,18 @@ def main() -> None:
         title, _, body = section.partition("\n")
         (results / f"{name}.md").write_text(f"{title}\n\n{stamp}\n{body}\n")
         print(f"   done in {time.perf_counter() - t0:.0f} s", flush=True)
-    # BENCHMARKS.md is every module's latest section, so `--only X` refreshes X and keeps the rest.
+    print(f"wrote {write_benchmarks_md(Path(args.out))}")
+
+
+def write_benchmarks_md(out: Path) -> Path:
+    """BENCHMARKS.md is every section's latest file in benchmarks/results, so `--only X` refreshes X and
+    keeps the rest (benchmarks/gpu_check.py writes its section there too)."""
     header = ("# Benchmarks\n\nWritten by `make bench` (`python -m benchmarks.run`). Every table was "
               "measured side by side in one run on the machine named under its title; compare the "
               "ratios, not absolute times across tables.\n\n")
-    body = "\n".join(f.read_text() for f in sorted(results.glob("bench_*.md")))
-    Path(args.out).write_text(header + body)
-    print(f"wrote {args.out}")
+    body = "\n".join(f.read_text() for f in sorted((ROOT / "benchmarks" / "results").glob("bench_*.md")))
+    out.write_text(header + body)
+    return out
 
 
 def git_commit() -> str:

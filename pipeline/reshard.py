@@ -23,7 +23,7 @@ from typing import Dict, List
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.manifest import atomic_write_text
+from pipeline.manifest import atomic_write_text, write_sample_index
 from pipeline.settings import IngestConfig
 
 META_FIELDS = ["url", "caption", "sha256", "width", "height", "original_width", "original_height"]
@@ -74,7 +74,8 @@ def _read_images(rows: List[dict], work: Path) -> Dict[str, bytes]:
 
 
 def write_shard(path: Path, rows: List[dict], images: Dict[str, bytes], ext: str, extra: List[str]) -> str:
-    """Write one tar atomically; returns its sha256."""
+    """Write one tar atomically, with its sample index (pipeline.manifest.write_sample_index) beside it;
+    returns the tar's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -85,8 +86,14 @@ def write_shard(path: Path, rows: List[dict], images: Dict[str, bytes], ext: str
             _tar_member(tar, f"{key}.txt", r["caption"].encode("utf-8"))
             _tar_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    # The sample index first, the tar last: a tar under its final name always has its index.
+    write_sample_index(tmp, index_path(path))
     tmp.replace(path)
     return digest
+
+
+def index_path(tar_path: Path) -> Path:
+    return tar_path.with_suffix(".idx")
 
 
 def reshard_partition(q: int, cfg: IngestConfig, work: Path, out: Path, shard_plan: Dict) -> Dict:
@@ -108,7 +115,9 @@ def reshard_partition(q: int, cfg: IngestConfig, work: Path, out: Path, shard_pl
             chunk = [rows[j] for j in idx[start:start + S]]
             name = f"{split}/{shard_plan['first_shard'][split][q] + i:06d}.tar"
             digest = write_shard(out / name, chunk, _read_images(chunk, work), ext, list(cfg.input.keep_columns))
-            shards.append({"path": name, "num_samples": len(chunk), "sha256": digest})
+            # The shard-format contract (pipeline.manifest): readers take the image extension from here.
+            shards.append({"path": name, "num_samples": len(chunk), "sha256": digest, "image_ext": ext,
+                           "sample_hash": cfg.download.compute_hash or "", "index": name[:-len(".tar")] + ".idx"})
         if shards:  # a split with no samples (val_fraction=0) gets no entry
             result[split] = shards
     atomic_write_text(marker, json.dumps(result, indent=1))

@@ -123,3 +123,36 @@ def test_fast_demo_report_matches_eval_json(tmp_path):
             ev = json.loads((Path(run) / "eval" / "eval.json").read_text())
             assert ev["dataset"]["split"] == "test" and ev["dataset"]["num_samples"] == 300
             assert len(ev["shift"]) == 4 and all(len(s) == 3 for s in ev["shift"].values())
+
+
+def test_demo_captions_carry_measured_attributes():
+    from pipeline import demo_source as ds
+
+    # A 4×4 image by hand: four object pixels (> 20) of values 100, 100, 200, 200 in the top-left block.
+    img = np.zeros((4, 4), np.uint8)
+    img[0, :2], img[1, :2] = 100, 200
+    area, brightness, texture = ds.image_attributes(img[None])[0]
+    assert area == pytest.approx(4 / 16) and brightness == pytest.approx(150.0)
+    # |neighbour differences| summed at object pixels: (0,1): 0 (left) ; (1,0): 100 (up); (1,1): 0 + 100;
+    # (0,0): nothing → 200 / 4 pixels / brightness 150.
+    assert texture == pytest.approx(200 / 4 / 150)
+    # Tertiles by rank within each class, independently per class.
+    values = np.array([[3.0], [1.0], [2.0], [10.0], [30.0], [20.0]])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    assert ds.tertiles_within_class(values, labels)[:, 0].tolist() == [2, 0, 1, 0, 2, 1]
+    # Nine images of class 0 (t-shirt) with growing area: attribute captions name the right size word.
+    imgs = np.zeros((9, 28, 28), np.uint8)
+    for i in range(9):
+        imgs[i, :3 + 2 * i, :10] = 128
+    caps = ds.make_captions(imgs, np.zeros(9, np.int64), seed=0, class_only_share=0.0)
+    nouns = ["t-shirt"] + ds.SYNONYMS["t-shirt"]
+    assert all(any(n in c for n in nouns) for c in caps)
+    for i, c in enumerate(caps):
+        size = ds.ATTRIBUTE_WORDS["area"][i // 3]
+        others = set(ds.ATTRIBUTE_WORDS["area"]) - {size}
+        assert not any(f" {w} " in f" {c} " for w in others if w != "medium-sized" or size != "medium-sized"), c
+    only = ds.make_captions(imgs, np.zeros(9, np.int64), seed=0, class_only_share=1.0)
+    assert set(only) <= {t.format("t-shirt") for t in ds.TEMPLATES}
+    div = ds.caption_diversity(caps + only, [0] * 18)
+    assert div["captions"] == 18 and div["class_only_share"] == pytest.approx(0.5)
+    assert div["distinct"] == len(set(caps + only))

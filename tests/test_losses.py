@@ -262,23 +262,113 @@ def test_objective_composes_weighted_terms_and_skips_zero_weights():
 
 
 def test_lambda_draws_are_beta_distributed_seeded_and_resumable():
-    objective = ContrastiveObjective(LossConfig(m2mix_alpha=0.5), seed=123)
+    objective = ContrastiveObjective(LossConfig(m2mix_weight=0.02, m2mix_alpha=0.5), seed=123)
     torch.manual_seed(0)
     global_before = torch.get_rng_state()
-    first = [objective.draw_lambda() for _ in range(3)]
+    first = [objective.draw_lambda()["m2mix"] for _ in range(3)]
     assert torch.equal(torch.get_rng_state(), global_before), "λ draws must not consume the global RNG"
     state = objective.state_dict()
-    after = [objective.draw_lambda() for _ in range(3)]
+    after = [objective.draw_lambda()["m2mix"] for _ in range(3)]
 
-    same_seed = ContrastiveObjective(LossConfig(m2mix_alpha=0.5), seed=123)
-    assert [same_seed.draw_lambda() for _ in range(3)] == first
-    resumed = ContrastiveObjective(LossConfig(m2mix_alpha=0.5), seed=999)
+    same_seed = ContrastiveObjective(LossConfig(m2mix_weight=0.02, m2mix_alpha=0.5), seed=123)
+    assert [same_seed.draw_lambda()["m2mix"] for _ in range(3)] == first
+    resumed = ContrastiveObjective(LossConfig(m2mix_weight=0.02, m2mix_alpha=0.5), seed=999)
     resumed.load_state_dict(state)
-    assert [resumed.draw_lambda() for _ in range(3)] == after
+    assert [resumed.draw_lambda()["m2mix"] for _ in range(3)] == after
 
     # Beta(0.5, 0.5): mean 1/2, variance αβ/((α+β)²(α+β+1)) = 1/8; 4000 draws → standard errors ~0.006.
-    draws = torch.tensor([objective.draw_lambda() for _ in range(4000)], dtype=torch.float64)
+    draws = torch.tensor([objective.draw_lambda()["m2mix"] for _ in range(4000)], dtype=torch.float64)
     assert ((draws >= 0) & (draws <= 1)).all()
     assert abs(float(draws.mean()) - 0.5) < 0.03 and abs(float(draws.var()) - 0.125) < 0.01
     # U-shaped: P(λ < 0.1) = (2/π)·asin(√0.1) ≈ 0.205 for the arcsine law.
     assert abs(float((draws < 0.1).double().mean()) - 2 / math.pi * math.asin(math.sqrt(0.1))) < 0.03
+
+
+# ----------------------------------------------------------------- reference knobs (docs/METHODS.md)
+def test_per_term_lambdas_are_independent_draws_with_their_own_alpha():
+    cfg = LossConfig(m2mix_weight=0.02, vmix_weight=0.05, vlmix_weight=0.1, m2mix_alpha=0.5, vmix_alpha=2.0,
+                     vlmix_alpha=0.2)
+    draws = [ContrastiveObjective(cfg, seed=7).draw_lambda() for _ in range(1)][0]
+    assert set(draws) == {"m2mix", "vmix", "vlmix", "mix_weight_factor"}    # lmix is off: no draw
+    # Hand-made reference: the same generator, the three Beta draws in term order m2mix, vmix, vlmix.
+    gen = torch.Generator().manual_seed(7)
+    expected = []
+    for alpha in (0.5, 2.0, 0.2):
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(gen.get_state())
+            a = torch.tensor(alpha, dtype=torch.float64)
+            expected.append(float(torch.distributions.Beta(a, a).sample()))
+            gen.set_state(torch.get_rng_state())
+    assert [draws["m2mix"], draws["vmix"], draws["vlmix"]] == expected
+    assert len(set(expected)) == 3
+    # The objective uses each term's own λ.
+    I, T = unit_rows(6, 5, seed=31), unit_rows(6, 5, seed=32)
+    s = torch.tensor(10.0, dtype=torch.float64)
+    got = ContrastiveObjective(cfg, seed=0)(I, T, s, lam=draws)["loss"]
+    want = (naive_clip(I, T, s) + 0.02 * naive_m2mix(I, T, s, draws["m2mix"])
+            + 0.05 * naive_unimodal(I, T, s, draws["vmix"], True, False)
+            + 0.1 * naive_unimodal(I, T, s, draws["vlmix"], True, True))
+    assert_close_rel(got, want, 1e-10)
+    # A distribution check per α: Beta(2, 2) has variance 1/20, Beta(0.2, 0.2) has 0.2/1.4/... = 0.1786.
+    obj = ContrastiveObjective(cfg, seed=1)
+    many = [obj.draw_lambda() for _ in range(3000)]
+    var = lambda k: float(torch.tensor([d[k] for d in many], dtype=torch.float64).var())
+    assert abs(var("vmix") - 1 / 20) < 0.006 and abs(var("vlmix") - 0.25 / 1.4) < 0.015
+
+
+def test_inverse_epoch_schedule_divides_every_mixing_weight_by_epoch_plus_one():
+    cfg = LossConfig(m2mix_weight=0.02, lmix_weight=0.05, mix_weight_schedule="inverse_epoch", schedule_epoch_steps=3)
+    objective = ContrastiveObjective(cfg, seed=0)
+    factors = [objective.draw_lambda()["mix_weight_factor"] for _ in range(7)]
+    assert factors == [1, 1, 1, 1 / 2, 1 / 2, 1 / 2, 1 / 3]    # epochs 0,0,0,1,1,1,2 by hand
+    # The 5th step (epoch 1): CLIP + ½·(0.02·m²-Mix + 0.05·L-Mix); CLIP is never scaled.
+    I, T = unit_rows(6, 5, seed=33), unit_rows(6, 5, seed=34)
+    s = torch.tensor(8.0, dtype=torch.float64)
+    draw = {"m2mix": 0.3, "lmix": 0.6, "mix_weight_factor": 0.5}
+    want = naive_clip(I, T, s) + 0.5 * (0.02 * naive_m2mix(I, T, s, 0.3) + 0.05 * naive_unimodal(I, T, s, 0.6, False, True))
+    assert_close_rel(objective(I, T, s, lam=draw)["loss"], want, 1e-10)
+    # The step count is checkpointed: a resumed objective continues at epoch 2.
+    resumed = ContrastiveObjective(cfg, seed=0)
+    resumed.load_state_dict(objective.state_dict())
+    assert resumed.draw_lambda()["mix_weight_factor"] == 1 / 3
+    with pytest.raises(ValueError, match="schedule_epoch_steps"):
+        LossConfig(mix_weight_schedule="inverse_epoch")
+    with pytest.raises(ValueError, match="mix_weight_schedule"):
+        LossConfig(mix_weight_schedule="cosine")
+
+
+def test_fixed_clip_scale_and_separate_mix_scale_by_hand():
+    # Two orthonormal pairs (I = T = e1, e2): CLIP logits are s on the diagonal and 0 off it, so each
+    # cross-entropy is log(1 + e^{-s}). At the fixed s = 2: log(1 + e^{-2}) = 0.126928011...
+    I = T = torch.eye(2, dtype=torch.float64)
+    learned = torch.tensor([50.0], dtype=torch.float64, requires_grad=True)
+    cfg = LossConfig(clip_logit_scale=2.0)
+    out = ContrastiveObjective(cfg, seed=0)(I, T, learned)
+    assert abs(out["loss"].item() - 0.12692801104297263) < 1e-14
+    (grad,) = torch.autograd.grad(out["loss"], learned)
+    assert grad is not None and float(grad.abs().max()) == 0.0    # a zero gradient, not None
+    # m²-Mix with I_i = T_i: h_i = I_i for every λ, so its logits equal CLIP's and its cross-entropies are
+    # log(1 + e^{-s₂}) at the *mix* scale s₂ = 1/0.07 while CLIP stays at the fixed s = 2.
+    cfg = LossConfig(clip_logit_scale=2.0, m2mix_weight=0.5, m2mix_logit_scale=1 / 0.07)
+    out = ContrastiveObjective(cfg, seed=0)(I, T, learned, lam=0.4)
+    assert abs(out["m2mix"].item() - math.log1p(math.exp(-1 / 0.07))) < 1e-15
+    assert abs(out["loss"].item() - (math.log1p(math.exp(-2)) + 0.5 * math.log1p(math.exp(-1 / 0.07)))) < 1e-14
+    # Without a fixed scale the learned one is used (and gets a gradient).
+    out = ContrastiveObjective(LossConfig(), seed=0)(I, T, learned / 10)
+    assert abs(out["loss"].item() - math.log1p(math.exp(-5))) < 1e-14
+
+
+def test_cyclip_reference_batch_scales_lambda_by_reference_over_global_batch():
+    I, T = unit_rows(8, 6, seed=41), unit_rows(8, 6, seed=42)
+    s = torch.tensor(12.0, dtype=torch.float64)
+    c_in, c_cross = naive_cyclip(I, T)
+    cfg = LossConfig(cyclip_in_modal=0.25, cyclip_cross_modal=0.5, cyclip_reference_batch=512)
+    assert cfg.cyclip_factor(8) == 64 and cfg.cyclip_factor(32768) == 1 / 64
+    got = ContrastiveObjective(cfg, seed=0)(I, T, s)["loss"]
+    assert_close_rel(got, naive_clip(I, T, s) + 64 * (0.25 * c_in + 0.5 * c_cross), 1e-10)
+    # Written as N_ref × (mean over the N² pairs): the same number.
+    mean_in = sum((I[i] @ I[j] - T[i] @ T[j]) ** 2 for i in range(8) for j in range(8)) / 64
+    mean_cross = sum((I[i] @ T[j] - I[j] @ T[i]) ** 2 for i in range(8) for j in range(8)) / 64
+    assert_close_rel(got, naive_clip(I, T, s) + 512 * (0.25 * mean_in + 0.5 * mean_cross), 1e-10)
+    with pytest.raises(ValueError):
+        LossConfig(cyclip_reference_batch=0)

@@ -183,3 +183,54 @@ def test_effective_robustness_is_distance_from_baseline_trend():
     assert metrics.effective_robustness(0.7, on_trend + 0.05, base_clean, base_shift) == pytest.approx(0.05)
     # One baseline point: slope 1 in logit space through it.
     assert metrics.effective_robustness(0.7, on_trend, [0.6], [base_shift[1]]) == pytest.approx(0, abs=1e-9)
+
+
+# ----------------------------------------------------------------- k-NN consistency, temperature scaling
+def test_knn_votes_and_consistency_by_hand():
+    # Reference points on the unit circle at angles (degrees) with labels; query at 0°.
+    angles = torch.tensor([10.0, -20.0, 30.0, 40.0, -50.0, 170.0])
+    labels = torch.tensor([0, 1, 1, 0, 2, 2])
+    ref = torch.stack([torch.cos(torch.deg2rad(angles)), torch.sin(torch.deg2rad(angles))], 1)
+    query = torch.tensor([[1.0, 0.0]])
+    # Neighbours in order: 10°(0), -20°(1), 30°(1), 40°(0), -50°(2), 170°(2).
+    # k=1 → 0; k=3 → votes 0:1, 1:2 → 1; k=4 → 0:2, 1:2 tie → class 0 (its nearest ranks first);
+    # k=5 → 0:2, 1:2, 2:1 → 0; k=6 → 0:2, 1:2, 2:2 → 0.
+    preds = metrics.knn_predictions(query, ref, labels, ks=(1, 3, 4, 5, 6))
+    assert {k: int(v[0]) for k, v in preds.items()} == {1: 0, 3: 1, 4: 0, 5: 0, 6: 0}
+    # Consistency against zero-shot predictions 1: agrees only at k=3.
+    cons = metrics.knn_consistency(torch.tensor([1]), query, ref, labels, ks=(1, 3, 4))
+    assert cons == {1: 0.0, 3: 1.0, 4: 0.0}
+    with pytest.raises(ValueError):
+        metrics.knn_predictions(query, ref, labels, ks=(7,))
+
+
+def test_knn_predictions_match_a_naive_loop():
+    g = torch.Generator().manual_seed(3)
+    q = F.normalize(torch.randn(40, 5, generator=g), dim=1)
+    r = F.normalize(torch.randn(90, 5, generator=g), dim=1)
+    lab = torch.randint(0, 4, (90,), generator=g)
+    got = metrics.knn_predictions(q, r, lab, ks=(1, 5, 30), chunk=7)
+    for i in range(40):
+        order = sorted(range(90), key=lambda j: -float(q[i] @ r[j]))
+        for k in (1, 5, 30):
+            votes = [int(lab[j]) for j in order[:k]]
+            best = max(set(votes), key=lambda c: (votes.count(c), -votes.index(c)))
+            assert int(got[k][i]) == best
+
+
+def test_temperature_scaling_minimises_nll_and_nll_by_hand():
+    # NLL by hand: logits [2, 0] and label 0 → -log(e²/(e²+1)) = log(1 + e^{-2}).
+    assert abs(metrics.nll(torch.tensor([[2.0, 0.0]]), torch.tensor([0])) - math.log1p(math.exp(-2))) < 1e-12
+    assert abs(metrics.nll(torch.tensor([[2.0, 0.0]]), torch.tensor([0]), temperature=2.0)
+               - math.log1p(math.exp(-1))) < 1e-12
+    # Over-confident logits: labels drawn from softmax(z/3), logits given as z → the fitted T is ≈ 3.
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 10, generator=g) * 4
+    y = torch.multinomial((z / 3).softmax(1), 1, generator=g).squeeze(1)
+    t = metrics.fit_temperature(z, y)
+    assert abs(t - 3) < 0.15
+    grid = torch.linspace(0.5, 8, 751)
+    brute = float(grid[torch.tensor([metrics.nll(z, y, float(x)) for x in grid]).argmin()])
+    assert abs(t - brute) < 0.02
+    before, after = metrics.calibration_metrics(z, y), metrics.calibration_metrics(z, y, t)
+    assert after["nll"] < before["nll"] and after["ece"] < 0.3 * before["ece"]

@@ -300,14 +300,28 @@ def test_zero_stage0_on_two_ranks_equals_one_rank(runs):
     assert_weights_close(exported(zero0), exported(reference), WEIGHT_ATOL)
 
 
-def test_streaming_path_trains_through_deepspeed_on_two_ranks(runs):
-    run_dir = runs.get("streaming_2ranks", 2, ["zero.stage=2", "data.streaming=true", "data.shuffle_buffer=32"])
-    records = metrics(run_dir)
-    assert [r["step"] for r in records] == list(range(1, 13))
-    assert sum(r["loss"] for r in records[-3:]) / 3 < sum(r["loss"] for r in records[:3]) / 3 - 0.05
-    r0, r1 = sample_keys(run_dir, 0), sample_keys(run_dir, 1)
-    assert all(len(r0[s]) == len(r1[s]) == 8 for s in range(12))
-    assert any(r0[s] != r1[s] for s in range(12))  # each rank draws its own stream
+def test_kill9_then_resume_on_another_world_size_and_worker_count_continues_the_order(runs):
+    """The loader's guarantee end to end (train/data.py): 2 ranks x 2 workers are killed -9 mid-run, 1 rank
+    with 0 workers resumes from the last checkpoint, and every step trains on the 1-rank run's samples."""
+    reference, name = runs.ref_1rank(), "killed_elastic"
+    args = runs.base(name) + ["zero.stage=0", "run.resume=latest"]
+    procs = runs.launch(2, args + ["data.num_workers=2"])
+    try:
+        wait_for_step(runs.root / name / "sample_keys" / "rank0.jsonl", 6, procs)
+        for p in procs:
+            os.kill(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    run_dir = runs.root / name
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert runs.run(1, args + ["data.num_workers=0"]) == [0], f"see {runs.root}/{name}.rank0.log"
+    one, r0, r1 = sample_keys(reference, 0), sample_keys(run_dir, 0), sample_keys(run_dir, 1)
+    assert all((r0[s] if s >= 4 else r0[s] + r1[s]) == one[s] for s in range(12))
+    assert_same_trajectory(metrics(run_dir), metrics(reference))
 
 
 def test_elastic_resume_of_a_stage0_checkpoint_two_ranks_to_one(runs):

@@ -6,7 +6,7 @@ fine-tuning differ only in these values (the loss composition included), never i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from pipeline.config import ConfigError
 from train.losses import LossConfig
@@ -25,12 +25,27 @@ class DataConfig:
     """Micro-batches per optimizer step on each rank; features are cached so all negatives are kept."""
     num_workers: int = 1
     """DataLoader worker processes per rank (decode + augment); 0 decodes in the training process."""
-    streaming: bool = False
-    """Stream resampled shards with webdataset instead of wids random access (resume is approximate)."""
-    shuffle_buffer: int = 1000
-    """Streaming path only: sample shuffle buffer size."""
+    partitions: int = 0
+    """P, the canonical streams of the order (train/shard_order.py). 0 = auto: the largest power of two
+    <= min(64, #shards) dividing global_batch_size. Keep it fixed for a run: the order depends on it.
+    Rule: P divides global_batch_size and the world size divides P (every rank reads P / W streams)."""
+    shuffle_window: int = 4
+    """Shards per shuffle block of a stream: samples are shuffled within blocks of this many shards."""
     max_substitutions: int = 16
-    """How many replacement samples to try for one corrupt sample before giving up on the batch."""
+    """Corrupt samples tried in a row for one batch slot before giving up with an error."""
+    cache_dir: str = ""
+    """Local cache of remote shards (http(s)://, s3://, gs://, pipe:) and of every shard's sample index
+    (16 bytes per sample, shared by the processes of a node); empty = ~/.cache/clip_pipeline/shards."""
+    cache_limit_gb: float = 50.0
+    """Cache size limit in GiB (least recently used shards are evicted); must hold about
+    2 x shuffle_window x P / W shards for the ranks of one node that share it."""
+    retries: int = 3
+    """Extra attempts for a failing remote shard (exponential backoff) before its samples are skipped."""
+    retry_backoff_s: float = 1.0
+    """First retry delay in seconds; doubles on every further attempt."""
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    """fsspec options for remote paths, e.g. {endpoint_url: http://127.0.0.1:8333} for an S3-compatible
+    store (s3fs also honours AWS_* environment variables)."""
 
 
 @dataclass
@@ -67,7 +82,14 @@ class ZeroConfig:
     stage: int = 1
     """ZeRO stage 0-3 (0 = plain data parallel)."""
     precision: str = "auto"
-    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'. The losses always run in fp32."""
+    bf16_mode: str = "autocast"
+    """How bf16 runs. 'autocast' = DeepSpeed's torch_autocast section: fp32 weights, gradients and residual
+    stream, bf16 matmuls/convs and bf16 gradient reduction of their weights (open_clip_train's
+    --precision amp_bf16). 'weights' = DeepSpeed's bf16 section: bf16 weights, activations and gradients,
+    fp32 master weights and Adam state (less memory; the trainer casts images to bf16). autocast is the
+    default because the CyCLIP terms, differences of similarities, lose their precision when the features
+    themselves are bf16: first-step C_cross 44% off fp32 with bf16 weights, 1.6% with autocast (README)."""
     overlap_comm: bool = False
     """Overlap gradient reduction with backward (worth it on GPU)."""
     reduce_bucket_size: int = 50_000_000
@@ -119,6 +141,10 @@ class RunConfig:
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
     stop_after_steps: int = 0
     """Stop (with a checkpoint) after this many steps of *this process*, as a time-limited job would (0 = off)."""
+    cpu_allocator_cache: bool = True
+    """CPU runs only (glibc): keep freed memory in the heap instead of returning every large buffer to the OS
+    (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB), so the per-step gradient, flatten and norm buffers are
+    not page-faulted in again at every step. Resident memory then stays at its peak; false = glibc defaults."""
 
 
 @dataclass
@@ -145,6 +171,8 @@ class TrainConfig:
             raise ConfigError(f"zero.stage must be 0, 1, 2 or 3, got {self.zero.stage}")
         if self.zero.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"zero.precision must be auto, bf16 or fp32, got '{self.zero.precision}'")
+        if self.zero.bf16_mode not in ("weights", "autocast"):
+            raise ConfigError(f"zero.bf16_mode must be weights or autocast, got '{self.zero.bf16_mode}'")
         if self.data.global_batch_size < 1 or self.data.accum_freq < 1 or self.optim.steps < 1:
             raise ConfigError("data.global_batch_size, data.accum_freq and optim.steps must be >= 1")
 

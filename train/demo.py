@@ -58,6 +58,8 @@ class DemoConfig:
     """key=value overrides applied to both fine-tuning configs (same budget for plain and m²-Mix)."""
     eval_max_samples: int = 1000
     """Test images evaluated, clean and in each of the 12 corrupted copies (0 = all)."""
+    eval_reference_samples: int = 3000
+    """Training images whose embeddings CyCLIP's k-NN consistency votes over (the val split fits the ECE temperature)."""
     eval_batch_size: int = 500
     """Images per forward pass in evaluation."""
     tune_pretrain_lr: List[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
@@ -188,8 +190,17 @@ def worker(plan_file: str) -> int:
     return 0
 
 
+def fixed_logit_scale(run_dir: Path) -> float:
+    """The fixed CLIP scale a run was trained with (loss.clip_logit_scale), 0 if it learned its own."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    loss = OmegaConf.load(path).get("loss", {}) if path.is_file() else {}
+    return float(loss.get("clip_logit_scale") or 0.0)
+
+
 def evaluate_run(run_dir: Path, dataset: Path, split: str, max_samples: int, batch_size: int,
-                 shifted: bool = True) -> Tuple[Dict, bool]:
+                 shifted: bool = True, reference: Optional[str] = None, reference_samples: int = 0) -> Tuple[Dict, bool]:
     """``python -m train.evaluate --checkpoint RUN_DIR ...`` in this process, skipped when up to date.
 
     Returns (eval.json contents, whether it ran)."""
@@ -200,6 +211,11 @@ def evaluate_run(run_dir: Path, dataset: Path, split: str, max_samples: int, bat
     model = run_dir / "export" / "model.pt"
     args = ["--checkpoint", str(run_dir), f"dataset={dataset}", f"split={split}", f"max_samples={max_samples}",
             f"batch_size={batch_size}", "device=cpu", f"out_dir={out}"] + ([] if shifted else ["corruptions=[]"])
+    if reference is not None:    # the papers' metrics: k-NN consistency over train embeddings, T fitted on val
+        args += [f"reference_dataset={reference}", f"reference_max_samples={reference_samples}"]
+    fixed = fixed_logit_scale(run_dir)
+    if fixed:
+        args.append(f"logit_scale={fixed}")
     if (result.is_file() and stamp.is_file() and result.stat().st_mtime > model.stat().st_mtime
             and json.loads(stamp.read_text()) == args):
         print(f"eval: {run_dir.name} on {split} up to date, skipped", flush=True)
@@ -265,7 +281,8 @@ def run_demo(cfg: DemoConfig, out: Path, profile: str, skip_shards: bool = False
     timed("training", train_all, pre + fine, out, cfg.ranks)
     log_stage(f"4/5 evaluation of {len(pre) + len(fine)} models on {test_dir(cfg.data)} (test)", t0)
     timed("evaluation", lambda: sum(evaluate_run(run.run_dir(out), test_dir(cfg.data), "test", cfg.eval_max_samples,
-                                                 cfg.eval_batch_size)[1] for run in pre + fine))
+                                                 cfg.eval_batch_size, True, cfg.data, cfg.eval_reference_samples)[1]
+                                    for run in pre + fine))
     log_stage("5/5 report", t0)
     timings_file.write_text(json.dumps(timings, indent=1))
     report = demo_report.write_report(cfg, out, profile, pre, fine, timings)

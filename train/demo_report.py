@@ -28,7 +28,8 @@ from train.evaluate.report import markdown_table, metric_bars
 # (metric key, label, higher is better)
 METRICS = [
     ("zero_shot.top1", "zero-shot top-1 ↑", True), ("zero_shot.top5", "zero-shot top-5 ↑", True),
-    ("zero_shot.ece", "ECE ↓", False), ("zero_shot.consistency", "consistency ↑", True),
+    ("zero_shot.ece", "ECE ↓", False), ("zero_shot.ece_ts", "ECE after temperature scaling ↓", False),
+    ("zero_shot.nll", "NLL ↓", False), ("zero_shot.consistency", "consistency (k-NN over train) ↑", True),
     ("robustness.shifted_top1", "shifted top-1 (mean of 12) ↑", True),
     ("robustness.relative", "shifted / clean top-1 ↑", True),
     ("retrieval.i2t_R@1", "image→text R@1 ↑", True), ("retrieval.t2i_R@1", "text→image R@1 ↑", True),
@@ -118,8 +119,8 @@ def claims_section(pre: Dict, fine: Dict) -> List[str]:
     else:
         summary = (f"{shown} of {total} claimed effects show at this scale; {counts.get('noise', 0)} within seed "
                    f"noise, {counts.get('reversed', 0)} reversed. Where an effect does not show, this demo "
-                   "does not reproduce it: the models are tiny, trained for minutes on 32 px images with "
-                   "class-template captions, far from the papers' settings.")
+                   "does not reproduce it: the models are tiny, trained for minutes on 32 px images, far from the "
+                   "papers' settings; `make study` (study/REPORT.md) is the tuned, multi-seed test of these claims.")
     return ["## Do the claimed effects show?", "", summary, "", *regularizer_check(pre), ""] + lines
 
 
@@ -141,9 +142,15 @@ def hyperparameters(run_dir: Path) -> Dict[str, str]:
     loss = cfg.loss
     terms = []
     if loss.cyclip_in_modal or loss.cyclip_cross_modal:
-        terms.append(f"λ₁={loss.cyclip_in_modal:g}, λ₂={loss.cyclip_cross_modal:g}")
+        ref = loss.get("cyclip_reference_batch")
+        terms.append(f"λ₁={loss.cyclip_in_modal:g}, λ₂={loss.cyclip_cross_modal:g}"
+                     + (f" at batch {ref} (applied ×{ref / cfg.data.global_batch_size:g})" if ref else ""))
     if loss.m2mix_weight:
-        terms.append(f"m²-Mix w={loss.m2mix_weight:g}, α={loss.m2mix_alpha:g}")
+        terms.append(f"m²-Mix w={loss.m2mix_weight:g}, α={loss.m2mix_alpha:g}"
+                     + (f", mix scale {loss.m2mix_logit_scale:.3g}" if loss.get("m2mix_logit_scale") else "")
+                     + (", w/(epoch+1)" if loss.get("mix_weight_schedule") == "inverse_epoch" else ""))
+    if loss.get("clip_logit_scale"):
+        terms.append(f"fixed CLIP scale {loss.clip_logit_scale:g}")
     # a fine-tuning's init is RUNS/<pretraining run>/export/model.pt
     init = Path(cfg.model.pretrained).parent.parent.name if cfg.model.pretrained else "random"
     return {"steps": str(cfg.optim.steps), "global batch": str(cfg.data.global_batch_size),
@@ -178,6 +185,18 @@ def tuning_section(out: Path, profile: str, pre_lr: float, ft_lr: float) -> List
             f"The val split has {rec.get('val_samples', 'a few hundred')} images, so differences of about a percentage "
             "point between learning rates are within its sampling noise: the sweep rules out bad values rather "
             "than finding a sharp optimum.", ""]
+
+
+def caption_line(data: str) -> str:
+    """Caption diversity of the train split (pipeline/demo_source.caption_diversity), one line."""
+    from pipeline.demo_source import caption_diversity
+    from train.evaluate.data import iter_samples
+
+    samples = [(s.caption, s.label) for s in iter_samples(data, "train")]
+    d = caption_diversity([c for c, _ in samples], [lab for _, lab in samples])
+    return (f"{d['distinct']} distinct strings over {d['captions']} images ({d['distinct_per_class']:.0f} per class), "
+            f"{100 * d['class_only_share']:.0f}% class-only prompts; the rest carry measured per-image attributes "
+            "(area, brightness, texture tertiles within the class), synonyms and superclass words")
 
 
 def copy_plots(runs: Sequence[Path], plots: Path) -> List[str]:
@@ -215,6 +234,7 @@ def write_report(cfg, out: Path, profile: str, pre_runs, fine_runs, timings: Dic
         "whole pipeline (URL list → loopback HTTP → img2dataset → WebDataset shards → DeepSpeed ZeRO trainer "
         f"on {cfg.ranks} CPU ranks → evaluation). Tiny ViT (`configs/model/tiny_vit.json`), 32 px.", "",
         "## Data", "",
+        f"- captions (train split): {caption_line(cfg.data)}",
         f"- train: {train_m.splits['train'].num_samples} images, val: {train_m.splits['val'].num_samples} "
         f"(carved from the Fashion-MNIST training images, `{cfg.data}`)",
         f"- test: {test_m.splits['test'].num_samples} held-out Fashion-MNIST test images (`{cfg.data}_test`); "

@@ -153,16 +153,20 @@ def _submitit_local_env() -> dict | None:
         return None
 
 
-def init_distributed_from_env(timeout_s: int = 1800) -> tuple[int, int, int]:
+def init_distributed_from_env(timeout_s: int = 1800, device: str = "auto") -> tuple[int, int, int]:
     """Discover the launcher, then ``deepspeed.init_distributed`` (gloo on CPU, NCCL on GPU).
 
-    Returns (rank, world_size, local_rank).
+    On a GPU (``device`` 'auto' or 'cuda') the process selects cuda:LOCAL_RANK first, so NCCL's
+    communicator and every collective tensor of this rank live on its own GPU. Returns (rank, world_size,
+    local_rank).
     """
     from datetime import timedelta
 
     import deepspeed
 
     found = discover_launcher_env()
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(int(found["LOCAL_RANK"]))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(seconds=timeout_s))
     return int(found["RANK"]), int(found["WORLD_SIZE"]), int(found["LOCAL_RANK"])

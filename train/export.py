@@ -33,17 +33,58 @@ def _write(state_dict: dict, out_dir: Path, model_name: str, config_file, max_lo
 
 
 def export_engine(engine, out_dir: Path, cfg, rank: int, step: int) -> Path | None:
-    """Export from a live DeepSpeed engine (all ranks call it; ZeRO-3 gathers the partitioned weights)."""
-    import deepspeed
+    """Export from a live DeepSpeed engine: the fp32 master weights, on CPU.
 
-    params = list(engine.module.parameters())
-    gather = cfg.zero.stage == 3
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
-        if rank != 0:
-            return None
-        state_dict = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    All ranks call it: under ZeRO 1-3 and bf16 the masters are partitioned, and assembling each one is a
+    collective. With bf16 weights the module holds rounded copies; the export takes the fp32 masters, so it
+    equals ``python -m train.export`` of the checkpoint saved at the same step.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    stage0_masters = _stage0_lowp_masters(engine.optimizer)
+    masters = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # ZeRO 1-3: assembled from the partitions (a collective)
+        if full is None:  # stage 0: bf16 params have per-parameter fp32 masters; fp32 params are their own
+            full = stage0_masters.get(id(param), param)
+        if rank == 0:
+            masters[name] = full.detach().float().cpu().clone()
+    if rank != 0:
+        return None
+    state_dict = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        state_dict[key] = masters[key] if key in masters else value.detach().float().cpu().clone()
     return _write(state_dict, Path(out_dir), cfg.model.name, cfg.model.config_file, cfg.optim.max_logit_scale,
                   {"step": step, "source": "live engine"})
+
+
+def _stage0_lowp_masters(optimizer) -> dict:
+    """id(bf16 param) -> its fp32 master, for DeepSpeed's stage-0 bf16 wrapper (FP16_UnfusedOptimizer)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return {}
+    return {id(p): m for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups) for p, m in zip(low, high)}
+
+
+def _stage0_state_dict(model_states: dict) -> dict:
+    """The fp32 weights of a stage-0 checkpoint: the module, with bf16 parameters replaced by the optimizer's
+    fp32 masters. Those are stored per param group, in the order of ``train.model.weight_decay_groups``."""
+    from train.model import decay_group_names
+
+    state_dict = dict(model_states["module"])
+    optimizer = model_states.get("optimizer") or {}
+    if "fp32_groups" not in optimizer:
+        return state_dict  # fp32 training: the module holds the weights
+    buffers = set(model_states.get("buffer_names") or [])
+    names = [g for g in decay_group_names([(k, v.ndim) for k, v in state_dict.items() if k not in buffers]) if g]
+    for group_names, masters in zip(names, optimizer["fp32_groups"]):
+        if len(group_names) != len(masters):
+            raise ValueError("stage-0 checkpoint: optimizer groups do not match the module's parameters")
+        for name, master in zip(group_names, masters):
+            state_dict[name] = master
+    return state_dict
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
@@ -61,7 +102,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:  # ZeRO stage 0: rank 0's model file holds the full weights. DeepSpeed pickles config objects
         # into it, so weights_only=True cannot read it; it is our own run's file, not a downloaded one.
-        state_dict = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state_dict = _stage0_state_dict(torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
+                                                   weights_only=False))
     run_dir = path.parent.parent
     out = Path(out_dir) if out_dir else run_dir / "export"
     return _write(state_dict, out, cfg["model"]["name"], cfg["model"]["config_file"], cfg["optim"]["max_logit_scale"],

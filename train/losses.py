@@ -15,6 +15,7 @@ Distributed convention (the one DDP and DeepSpeed assume, since both average gra
   out. A replicated logit scale gets only its local gradient, and its rank average is exact.
   Neither helper rescales by 1/W: that would make the parameter gradients W times too small.
 All ranks must use the same λ for the mixing terms (ContrastiveObjective seeds it identically).
+The knobs and their sources are documented in docs/METHODS.md.
 """
 from __future__ import annotations
 
@@ -248,51 +249,93 @@ def vlmix_loss(image: Tensor, text: Tensor, logit_scale: Tensor | float, lam: fl
 
 
 # --------------------------------------------------------------------------- composition from config
+MIX_TERMS = ("m2mix", "vmix", "lmix", "vlmix")
+MIX_SCHEDULES = ("constant", "inverse_epoch")
+
+
 @dataclass
 class LossConfig:
     cyclip_in_modal: float = 0.0
-    """λ₁: weight of CyCLIP's in-modal term C_in (CyCLIP trains with 0.25)."""
+    """λ₁: weight of CyCLIP's in-modal term C_in (CyCLIP trains with 0.25 at N = 512)."""
     cyclip_cross_modal: float = 0.0
-    """λ₂: weight of CyCLIP's cross-modal term C_cross (CyCLIP trains with 0.25)."""
+    """λ₂: weight of CyCLIP's cross-modal term C_cross (CyCLIP trains with 0.25 at N = 512)."""
+    cyclip_reference_batch: Optional[int] = None
+    """Global batch N_ref at which λ₁, λ₂ are stated; the applied weights are λ·N_ref/N, so the terms act
+    as N_ref × (mean over the N² pairs) and their gradient share next to the CLIP loss does not grow with
+    N (BENCHMARKS.md, losses). None = λ as given at every N (the paper's form). CyCLIP tuned 0.25 at 512."""
+    clip_logit_scale: Optional[float] = None
+    """Fixed multiplier s for the CLIP term and V/L/VL-Mix instead of the model's learned exp(logit_scale)
+    (m²-Mix's reference fine-tunes with τ = 0.01, i.e. 100); the learned scale then gets a zero gradient."""
     m2mix_weight: float = 0.0
-    """w: weight of the m²-Mix hard-negative term (the reference sweeps 0.001 to 0.05, default 0.01)."""
+    """w: weight of the m²-Mix term. This loss averages the image and text cross-entropies where the
+    reference sums them, so the reference's default 0.01 is 0.02 here (its sweep 0.001-0.05 is 0.002-0.1)."""
     m2mix_alpha: float = 0.5
-    """α of λ ~ Beta(α, α), drawn once per optimizer step for all mixing terms."""
+    """α of the m²-Mix λ ~ Beta(α, α) (the reference's --beta2; 0.5 in its m²-Mix script)."""
     m2mix_logit_scale: Optional[float] = None
-    """Multiplier s₂ = 1/τ₂ for the m²-Mix logits (the reference uses 1/0.07); None = the CLIP s."""
+    """Multiplier s₂ = 1/τ₂ for the m²-Mix logits (the reference's --sep_scale uses 1/0.07); None = CLIP's s."""
     vmix_weight: float = 0.0
-    """Weight of V-Mix (images mixed with images, soft targets)."""
+    """Weight of V-Mix (images mixed with images, soft targets; the reference's m³-Mix script uses 0.05)."""
+    vmix_alpha: float = 0.5
+    """α of V-Mix's own λ ~ Beta(α, α) (the reference's --betavariate)."""
     lmix_weight: float = 0.0
     """Weight of L-Mix (texts mixed with texts, soft targets)."""
+    lmix_alpha: float = 0.5
+    """α of L-Mix's own λ (the reference's --betavariate, shared with V-Mix there)."""
     vlmix_weight: float = 0.0
     """Weight of VL-Mix (both modalities mixed with the same λ)."""
+    vlmix_alpha: float = 0.5
+    """α of VL-Mix's own λ (the reference's --beta1)."""
+    mix_weight_schedule: str = "constant"
+    """``constant`` or ``inverse_epoch``: all mixing weights × 1/(epoch+1), the reference's --schedule."""
+    schedule_epoch_steps: int = 0
+    """Optimizer steps per epoch for ``inverse_epoch`` (samples per epoch / global batch); epoch =
+    step // this, counted by the objective's draw_lambda (once per step) and checkpointed with it."""
 
     def __post_init__(self) -> None:
         weights = {k: v for k, v in vars(self).items() if k.endswith(("_weight", "_modal"))}
         negative = [k for k, v in weights.items() if v < 0]
-        if negative or self.m2mix_alpha <= 0 or (self.m2mix_logit_scale or 1.0) <= 0:
-            raise ValueError(f"loss weights must be ≥ 0, m2mix_alpha and m2mix_logit_scale > 0: {self}")
+        alphas = [getattr(self, f"{t}_alpha") for t in MIX_TERMS]
+        scales = [v for v in (self.m2mix_logit_scale, self.clip_logit_scale) if v is not None]
+        if negative or min(alphas) <= 0 or any(v <= 0 for v in scales):
+            raise ValueError(f"loss weights must be ≥ 0, mixing α and fixed logit scales > 0: {self}")
+        if self.cyclip_reference_batch is not None and self.cyclip_reference_batch < 1:
+            raise ValueError(f"cyclip_reference_batch must be ≥ 1 or None, got {self.cyclip_reference_batch}")
+        if self.mix_weight_schedule not in MIX_SCHEDULES:
+            raise ValueError(f"mix_weight_schedule must be one of {MIX_SCHEDULES}, got '{self.mix_weight_schedule}'")
+        if self.mix_weight_schedule == "inverse_epoch" and self.schedule_epoch_steps < 1:
+            raise ValueError("mix_weight_schedule=inverse_epoch needs schedule_epoch_steps ≥ 1 (steps per epoch)")
 
     @property
     def mixes(self) -> bool:
-        return any(w > 0 for w in (self.m2mix_weight, self.vmix_weight, self.lmix_weight, self.vlmix_weight))
+        return any(getattr(self, f"{t}_weight") > 0 for t in MIX_TERMS)
+
+    def cyclip_factor(self, global_rows: int) -> float:
+        """N_ref / N, the factor on λ₁, λ₂ at global batch N (1 without a reference batch)."""
+        return 1.0 if self.cyclip_reference_batch is None else self.cyclip_reference_batch / global_rows
+
+    def mix_weight_factor(self, step: int) -> float:
+        """Factor on every mixing weight at 0-based optimizer ``step``: 1, or 1/(epoch+1) (reference --schedule)."""
+        if self.mix_weight_schedule == "constant":
+            return 1.0
+        return 1.0 / (1 + step // self.schedule_epoch_steps)
 
 
 class ContrastiveObjective:
     """CLIP plus the configured weighted terms, so the training loop never branches per method.
 
-    Pretraining: CLIP + λ₁·C_in + λ₂·C_cross. Fine-tuning: CLIP + w·m²-Mix + V/L/VL-Mix.
-    Features are gathered once per call and shared by every term; terms with weight 0 are skipped.
+    Pretraining: CLIP + f·λ₁·C_in + f·λ₂·C_cross (f = N_ref/N or 1). Fine-tuning: CLIP + g·(w·m²-Mix +
+    V/L/VL-Mix), g the schedule factor. Features are gathered once per call and shared by every term;
+    terms with weight 0 are skipped.
     """
 
     def __init__(self, cfg: LossConfig, seed: int):
         self.cfg = cfg
         # Same seed on every rank → same λ everywhere, with no collective; checkpointed via state_dict.
         self._generator = torch.Generator().manual_seed(seed)
+        self._steps = 0    # draws so far = optimizer steps taken (drives the mix-weight schedule)
 
-    def draw_lambda(self) -> float:
-        """λ ~ Beta(α, α) from the objective's own generator; call once per optimizer step."""
-        alpha = torch.tensor(self.cfg.m2mix_alpha, dtype=torch.float64)
+    def _beta(self, alpha: float) -> float:
+        alpha = torch.tensor(alpha, dtype=torch.float64)
         # torch's Beta sampler only reads the global CPU RNG: run it on our state, leave the global alone.
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self._generator.get_state())
@@ -300,38 +343,57 @@ class ContrastiveObjective:
             self._generator.set_state(torch.get_rng_state())
         return float(lam)
 
+    def draw_lambda(self) -> dict[str, float]:
+        """This step's draws: {term: λ} for each active mixing term, each from its own Beta(α_term, α_term)
+        as in the reference, plus "mix_weight_factor" (the schedule's g). Call once per optimizer step
+        and pass the dict to every micro-batch of the step."""
+        draws = {t: self._beta(getattr(self.cfg, f"{t}_alpha")) for t in MIX_TERMS
+                 if getattr(self.cfg, f"{t}_weight") > 0}
+        draws["mix_weight_factor"] = self.cfg.mix_weight_factor(self._steps)
+        self._steps += 1
+        return draws
+
     def __call__(self, image: Tensor, text: Tensor, logit_scale: Tensor | float,
-                 lam: float | None = None) -> dict[str, Tensor]:
+                 lam: float | dict | None = None) -> dict[str, Tensor]:
         """Returns {"loss": weighted total, "clip": ..., then each active term unweighted}.
 
         Both CyCLIP terms are reported when either is weighted: they share one Gram all-reduce.
-        `lam` is the step's λ from draw_lambda (the same for every micro-batch of a step); None
-        draws one here.
+        `lam` is the step's draw_lambda() dict, or one float used by every mixing term (factor 1);
+        None draws here. With ``clip_logit_scale`` set, `logit_scale` enters the loss only as
+        0·logit_scale, so a learned scale parameter gets an exact zero gradient (never None, which
+        ZeRO's gradient buckets do not expect).
         """
         cfg = self.cfg
         if cfg.mixes and lam is None:
             lam = self.draw_lambda()
-        scale = _as_scale(logit_scale)
+        draws = lam if isinstance(lam, dict) else {t: lam for t in MIX_TERMS}
+        mix_factor = draws.get("mix_weight_factor", 1.0)
+        scale = _as_scale(logit_scale) if cfg.clip_logit_scale is None else float(cfg.clip_logit_scale)
         batch = GlobalBatch.gather(image, text)
         terms = {"clip": _clip(batch, scale)}
         weighted = [(1.0, "clip")]
         if cfg.cyclip_in_modal > 0 or cfg.cyclip_cross_modal > 0:
+            f = cfg.cyclip_factor(batch.global_rows)
             terms["cyclip_in"], terms["cyclip_cross"] = _cyclic(image, text, batch.global_rows)
-            weighted += [(cfg.cyclip_in_modal, "cyclip_in"), (cfg.cyclip_cross_modal, "cyclip_cross")]
+            weighted += [(f * cfg.cyclip_in_modal, "cyclip_in"), (f * cfg.cyclip_cross_modal, "cyclip_cross")]
         if cfg.m2mix_weight > 0:
-            terms["m2mix"] = _m2mix(batch, scale, lam, cfg.m2mix_logit_scale)
-            weighted.append((cfg.m2mix_weight, "m2mix"))
+            terms["m2mix"] = _m2mix(batch, scale, draws["m2mix"], cfg.m2mix_logit_scale)
+            weighted.append((mix_factor * cfg.m2mix_weight, "m2mix"))
         for name, weight, mix_image, mix_text in (("vmix", cfg.vmix_weight, True, False),
                                                   ("lmix", cfg.lmix_weight, False, True),
                                                   ("vlmix", cfg.vlmix_weight, True, True)):
             if weight > 0:
-                terms[name] = _unimodal_mix(batch, scale, lam, mix_image, mix_text)
-                weighted.append((weight, name))
-        terms["loss"] = sum(weight * terms[name] for weight, name in weighted if weight > 0)
+                terms[name] = _unimodal_mix(batch, scale, draws[name], mix_image, mix_text)
+                weighted.append((mix_factor * weight, name))
+        total = sum(weight * terms[name] for weight, name in weighted if weight > 0)
+        if cfg.clip_logit_scale is not None and isinstance(logit_scale, Tensor) and logit_scale.requires_grad:
+            total = total + 0.0 * logit_scale.sum()
+        terms["loss"] = total
         return terms
 
     def state_dict(self) -> dict:
-        return {"lambda_generator": self._generator.get_state()}
+        return {"lambda_generator": self._generator.get_state(), "steps": self._steps}
 
     def load_state_dict(self, state: dict) -> None:
         self._generator.set_state(state["lambda_generator"])
+        self._steps = int(state.get("steps", 0))    # checkpoints from before the schedule existed

@@ -75,15 +75,22 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Tuple[t
     return model, train_transform, eval_transform, tokenizer
 
 
+def _decays(pname: str, ndim: int) -> bool:
+    return not (ndim < 2 or "bias" in pname or "logit_scale" in pname or ".ln" in pname or "bn" in pname)
+
+
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list:
     """AdamW param groups: no decay for gains, biases, norms, embeddings of ndim < 2 and logit_scale."""
-    decay, no_decay = [], []
-    for pname, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = param.ndim < 2 or "bias" in pname or "logit_scale" in pname or ".ln" in pname or "bn" in pname
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = {pname: p for pname, p in model.named_parameters() if p.requires_grad}
+    decay, no_decay = decay_group_names([(pname, p.ndim) for pname, p in params.items()])
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+
+
+def decay_group_names(named_ndims: list) -> tuple:
+    """(names with weight decay, names without), each in the given order: the optimizer's two param groups."""
+    decay = [name for name, ndim in named_ndims if _decays(name, ndim)]
+    return decay, [name for name, ndim in named_ndims if not _decays(name, ndim)]
 
 
 def export_state_dict(state_dict: Dict[str, torch.Tensor], max_logit_scale: float) -> Dict[str, torch.Tensor]:

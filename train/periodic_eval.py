@@ -28,10 +28,34 @@ def evaluate_model(model, tokenizer: Callable, eval_transform: Callable, dataset
     module.eval()
     try:
         with torch.no_grad():
-            return _evaluate(module, tokenizer, eval_transform, dataset_folder, split, max_samples,
+            return _evaluate(_CastInputs(module), tokenizer, eval_transform, dataset_folder, split, max_samples,
                              classnames, templates or DEFAULT_TEMPLATES, batch_size)
     finally:
         module.train(was_training)
+
+
+class _CastInputs:
+    """The model as the evaluation helpers see it: images cast to the weights' dtype (bf16 weights under
+    zero.precision=bf16, zero.bf16_mode=weights; the helpers move them to the weights' device), features
+    and logit scale returned in fp32, so the metrics are computed in fp32 on any engine."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def encode_image(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.module.encode_image(images.to(self.dtype), **kwargs).float()
+
+    def encode_text(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.module.encode_text(tokens, **kwargs).float()
+
+    @property
+    def logit_scale(self):
+        scale = getattr(self.module, "logit_scale", None)
+        return None if scale is None else scale.detach().float()
 
 
 def _evaluate(model, tokenizer, eval_transform, folder, split, max_samples, classnames, templates, batch_size):

@@ -41,6 +41,19 @@ def cosine_lr(step: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def keep_freed_memory() -> bool:
+    """glibc only: serve large allocations from the heap and keep freed memory there (see
+    run.cpu_allocator_cache). Own code rather than jemalloc/tcmalloc: those need LD_PRELOAD before start."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 class MetricsWriter:
     """metrics.jsonl + TensorBoard on rank 0; a resumed run first drops lines past its checkpoint."""
 
@@ -73,10 +86,13 @@ class MetricsWriter:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.rank, self.world_size, self.local_rank = init_distributed_from_env()
+        self.rank, self.world_size, self.local_rank = init_distributed_from_env(device=cfg.run.device)
         self.per_rank = cfg.check_world_size(self.world_size)
         self.micro_batch = self.per_rank // cfg.data.accum_freq
         self.device = self._device()
+        self.bf16 = cfg.zero.precision == "bf16" or (cfg.zero.precision == "auto" and self.device.type == "cuda")
+        if self.device.type == "cpu" and cfg.run.cpu_allocator_cache:
+            keep_freed_memory()  # ~240 MB of fresh gradient buffers a step (ViT-S-32) were page faults
         self.run_dir = Path(cfg.run.run_dir)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +132,7 @@ class Trainer:
 
     def deepspeed_config(self, universal: bool = False) -> dict:
         cfg = self.cfg
-        bf16 = cfg.zero.precision == "bf16" or (cfg.zero.precision == "auto" and self.device.type == "cuda")
+        bf16 = self.bf16
         zero = {"stage": cfg.zero.stage, "overlap_comm": cfg.zero.overlap_comm, "contiguous_gradients": True,
                 "reduce_bucket_size": cfg.zero.reduce_bucket_size}
         if cfg.zero.stage in (1, 2):
@@ -129,7 +145,9 @@ class Trainer:
             # DeepSpeed only sums the micro-batch gradients; the negatives come from feature caching.
             "gradient_accumulation_steps": cfg.data.accum_freq,
             "gradient_clipping": cfg.optim.grad_clip,
-            "bf16": {"enabled": bf16},
+            # bf16 weights (the trainer casts images to bf16) or torch autocast over fp32 weights: zero.bf16_mode.
+            "bf16": {"enabled": bf16 and cfg.zero.bf16_mode == "weights"},
+            "torch_autocast": {"enabled": bf16 and cfg.zero.bf16_mode == "autocast", "dtype": "bfloat16"},
             "zero_optimization": zero,
             # A torch AdamW client optimizer: DeepSpeed's FusedAdam would JIT-compile for minutes on CPU.
             "zero_allow_untested_optimizer": True,
@@ -151,19 +169,26 @@ class Trainer:
         return engine
 
     def _build_loader(self):
-        cfg, data = self.cfg, self.cfg.data
-        if data.streaming:
-            return data_lib.build_streaming_loader(
-                data.path, data.split, self.per_rank, self.rank, cfg.run.seed, self.step, self.train_transform,
-                self.tokenizer, data.num_workers, data.shuffle_buffer)
-        return data_lib.build_exact_loader(
-            data.path, data.split, data.global_batch_size, self.rank, self.world_size, cfg.run.seed, self.step,
-            cfg.optim.steps, self.train_transform, self.tokenizer, data.num_workers, data.max_substitutions)
+        # The order is a pure function of (seed, step, world size, manifest): resuming needs only self.step.
+        cfg = self.cfg
+        loader = data_lib.build_loader(cfg.data, self.rank, self.world_size, cfg.run.seed, self.step, cfg.optim.steps,
+                                       self.train_transform, self.tokenizer)
+        if getattr(self, "_resumed_data", None):  # the checkpoint's order must be this run's order
+            loader.dataset.order.check_resume(self._resumed_data)
+        return loader
 
     # ---------------------------------------------------------------- one step
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype images must have at the engine: its weights' (bf16 with zero.bf16_mode=weights)."""
+        return torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+
     def _features(self, images: torch.Tensor, texts: torch.Tensor):
         image_features, text_features, scale = self.engine(images, texts)[:3]
-        return image_features, text_features, scale.clamp(max=self.cfg.optim.max_logit_scale)
+        # The losses run in fp32 whatever the engine's dtype (METHODS: bf16 logits over a global batch lose
+        # the small CyCLIP terms and the geodesic mixing); the cast's backward returns bf16 gradients.
+        return (image_features.float(), text_features.float(),
+                scale.float().clamp(max=self.cfg.optim.max_logit_scale))
 
     def forward_backward_step(self, images: torch.Tensor, texts: torch.Tensor, lam: Optional[float]) -> Optional[dict]:
         """Forward, loss over the whole per-rank batch (all negatives), backward; None if the loss is not finite.
@@ -198,7 +223,9 @@ class Trainer:
         return terms
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        # Every tensor a collective touches lives on the trainer's device: NCCL (DeepSpeed's backend on
+        # CUDA) rejects CPU tensors. isfinite stays on the device too (no host sync before the reduce).
+        bad = (~torch.isfinite(loss.detach().float())).float().reshape(1).to(self.device)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank must agree to skip, or collectives hang
         return bad.item() == 0.0
@@ -208,7 +235,7 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         lam = self.objective.draw_lambda() if self.cfg.loss.mixes else None
-        images = batch["image"].to(self.device, non_blocking=True)
+        images = batch["image"].to(self.device, dtype=self.input_dtype, non_blocking=True)
         texts = batch["text"].to(self.device, non_blocking=True)
         terms = self.forward_backward_step(images, texts, lam)
         self.step += 1
@@ -223,7 +250,7 @@ class Trainer:
                     "aborting. Lower optim.lr, check the data, or resume from an earlier checkpoint.")
             return None
         self.nonfinite_in_row = 0
-        terms["lr"] = torch.tensor(lr)
+        terms["lr"] = torch.tensor(lr, device=self.device)
         return terms
 
     # ---------------------------------------------------------------- state
@@ -231,7 +258,8 @@ class Trainer:
         return {"step": self.step, "samples_seen": self.samples_seen, "skipped_samples": self.skipped_samples,
                 "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
                 "objective": self.objective.state_dict(), "world_size": self.world_size,
-                "config": to_dict(self.cfg), "code_version": code_version()}
+                "config": to_dict(self.cfg), "code_version": code_version(),
+                "data": self.loader.dataset.order.state_dict()}
 
     def save(self) -> Path:
         return self.checkpoints.save(self.engine, self.step, self.trainer_state())
@@ -244,6 +272,7 @@ class Trainer:
         self.skipped_samples, self.nonfinite_total = state["skipped_samples"], state["nonfinite_total"]
         self.nonfinite_in_row = state["nonfinite_in_row"]
         self.objective.load_state_dict(state["objective"])
+        self._resumed_data = state.get("data")  # checked against the rebuilt loader's order in _build_loader
         rng = CheckpointManager.load_rng(path, self.rank)
         if rng is not None:  # absent for ranks that did not exist in the saved run (elastic resume)
             set_rng_state(rng)
@@ -265,20 +294,23 @@ class Trainer:
 
     def _stop_agreed(self, steps_this_process: int) -> bool:
         limit = self.cfg.run.stop_after_steps
-        flag = torch.tensor([1.0 if self._stop_signal or (limit and steps_this_process >= limit) else 0.0])
+        flag = torch.tensor([1.0 if self._stop_signal or (limit and steps_this_process >= limit) else 0.0],
+                            device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a signal to any rank stops all of them together
         return flag.item() > 0
 
     def _log(self, terms: dict, wait_s: float, step_s: float) -> dict:
         names = sorted(terms)
-        values = torch.stack([terms[n].float().reshape(()) for n in names] + [torch.tensor(float(self._pending_skipped))])
+        values = torch.stack([terms[n].float().reshape(()).to(self.device) for n in names]
+                             + [torch.tensor(float(self._pending_skipped), device=self.device)])
         self._pending_skipped = 0
         if dist.is_initialized():
             dist.all_reduce(values)
             values /= self.world_size  # row-wise loss terms are rank shares that average to the global value
-        record = {n: float(v) for n, v in zip(names, values[:-1])}
-        self.skipped_samples += int(round(float(values[-1]) * self.world_size))
+        values = values.tolist()  # one device-to-host copy for all terms
+        record = dict(zip(names, values[:-1]))
+        self.skipped_samples += int(round(values[-1] * self.world_size))
         record.update(step=self.step, samples_seen=self.samples_seen, samples_per_s=self.cfg.data.global_batch_size / step_s,
                       data_wait_frac=wait_s / step_s, skipped_samples=self.skipped_samples)
         return record

@@ -40,6 +40,22 @@ class EvalConfig:
     """Corruptions for the distribution-shift evaluation (empty = clean only)."""
     severities: List[int] = field(default_factory=lambda: list(SEVERITIES))
     """Corruption severities (1..3)."""
+    reference_dataset: str = ""
+    """Dataset folder of the model's *training* data (e.g. data/fmnist for data/fmnist_test). Its
+    ``reference_split`` images are the k-NN reference of CyCLIP consistency and its ``calibration_split``
+    images fit the temperature of temperature-scaled ECE/NLL. Empty: consistency falls back to
+    leave-one-out class prototypes of the evaluated images and no temperature is fitted."""
+    reference_split: str = "train"
+    """Split of ``reference_dataset`` whose image embeddings the k-NN consistency votes over."""
+    reference_max_samples: int = 10000
+    """First N images of ``reference_split`` used as the k-NN reference (0 = all)."""
+    calibration_split: str = "val"
+    """Split of ``reference_dataset`` on which the zero-shot temperature is fitted (never the test split)."""
+    consistency_ks: List[int] = field(default_factory=lambda: [1, 3, 5, 10, 30])
+    """k of the k-NN vote (CyCLIP reports 1, 3, 5, 10, 30); ``consistency`` is their mean."""
+    logit_scale: float = 0.0
+    """Softmax scale of zero-shot logits, overriding the model's exp(logit_scale) (0 = the model's). Set it to
+    the fixed ``loss.clip_logit_scale`` a model was fine-tuned with (the m²-Mix reference evaluates at 100)."""
     ece_bins: int = 15
     """Equal-width confidence bins of the expected calibration error."""
     batch_size: int = 256
@@ -64,5 +80,9 @@ class EvalConfig:
                              f"got '{self.retrieval_relevance}'")
         if any("{}" not in t for t in self.templates):
             raise ValueError("every template needs a '{}' for the class name")
+        if not self.consistency_ks or min(self.consistency_ks) < 1 or self.reference_max_samples < 0:
+            raise ValueError("consistency_ks must be non-empty and ≥ 1, reference_max_samples ≥ 0")
+        if self.logit_scale < 0:
+            raise ValueError(f"logit_scale must be ≥ 0 (0 = the model's), got {self.logit_scale}")
         if self.ece_bins < 1 or self.batch_size < 1 or self.max_samples < 0:
             raise ValueError("ece_bins and batch_size must be ≥ 1 and max_samples ≥ 0")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,19 +35,57 @@ class _Recorder:
 
 
 def classification_metrics(image_features: torch.Tensor, class_weights: torch.Tensor, labels: torch.Tensor,
-                           logit_scale: float, ece_bins: int) -> Dict[str, object]:
-    """Zero-shot top-1/top-5, ECE + reliability bins, and CyCLIP consistency for one set of image features."""
+                           logit_scale: float, ece_bins: int, reference: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                           temperature: Optional[float] = None,
+                           ks: Sequence[int] = metrics.CONSISTENCY_KS) -> Dict[str, object]:
+    """Zero-shot top-1/top-5, ECE + NLL (+ after temperature scaling) + reliability bins, and consistency.
+
+    ``reference`` = (training image embeddings, their labels) gives CyCLIP's consistency (k-NN vote over
+    them, each k in ``ks``; ``consistency`` is the mean over k). Without it, consistency compares with the
+    nearest leave-one-out class prototype of ``image_features`` (not the paper's definition; marked so).
+    ``temperature`` (fitted on val with metrics.fit_temperature) adds ``ece_ts`` and ``nll_ts``.
+    """
     logits = logit_scale * image_features @ class_weights.T
     probs = logits.softmax(dim=1)
     confidence, pred = probs.max(dim=1)
     correct = pred == labels
     acc = metrics.topk_accuracy(logits, labels, (1, 5))
-    in_modal = metrics.in_modal_predictions(image_features, labels, class_weights.shape[0])
-    return {"top1": acc[1], "top5": acc[5],
-            "ece": metrics.expected_calibration_error(confidence, correct, ece_bins),
-            "consistency": metrics.consistency(pred, in_modal),
-            "in_modal_top1": (in_modal == labels).double().mean().item(),
-            "calibration": metrics.calibration_bins(confidence, correct, ece_bins)}
+    out = {"top1": acc[1], "top5": acc[5], **metrics.calibration_metrics(logits, labels, 1.0, ece_bins)}
+    if temperature is not None:
+        scaled = metrics.calibration_metrics(logits, labels, temperature, ece_bins)
+        out.update(temperature=temperature, ece_ts=scaled["ece"], nll_ts=scaled["nll"])
+    if reference is not None:
+        knn = metrics.knn_predictions(image_features, reference[0], reference[1], ks)
+        per_k = {str(k): metrics.consistency(pred, p) for k, p in knn.items()}
+        out.update(consistency=sum(per_k.values()) / len(per_k), consistency_k=per_k,
+                   consistency_definition="knn_train",
+                   knn_top1_k={str(k): (p == labels).double().mean().item() for k, p in knn.items()})
+        out["in_modal_top1"] = out["knn_top1_k"][str(max(ks))] if 10 not in ks else out["knn_top1_k"]["10"]
+    else:
+        in_modal = metrics.in_modal_predictions(image_features, labels, class_weights.shape[0])
+        out.update(consistency=metrics.consistency(pred, in_modal), consistency_definition="loo_prototype",
+                   in_modal_top1=(in_modal == labels).double().mean().item())
+    out["calibration"] = metrics.calibration_bins(confidence, correct, ece_bins)
+    return out
+
+
+def reference_inputs(model, eval_transform, tokenizer, cfg: EvalConfig, class_weights, scale, progress):
+    """(k-NN reference (features, labels) or None, fitted temperature or None) from cfg.reference_dataset."""
+    if not cfg.reference_dataset:
+        return None, None
+    rec = _Recorder(iter_samples(cfg.reference_dataset, cfg.reference_split, cfg.reference_max_samples))
+    ref_feats = encode_images(model, eval_transform, iter(rec), cfg.batch_size)
+    if any(lab is None for lab in rec.labels):
+        raise ValueError(f"{cfg.reference_dataset}:{cfg.reference_split} lacks labels: no k-NN consistency")
+    reference = (ref_feats, torch.tensor(rec.labels))
+    val = _Recorder(iter_samples(cfg.reference_dataset, cfg.calibration_split))
+    val_feats = encode_images(model, eval_transform, iter(val), cfg.batch_size)
+    temperature = None
+    if len(val_feats) and all(lab is not None for lab in val.labels):
+        temperature = metrics.fit_temperature(scale * val_feats @ class_weights.T, torch.tensor(val.labels))
+    progress(f"reference: {len(ref_feats)} {cfg.reference_split} images, temperature {temperature} "
+             f"fitted on {len(val_feats)} {cfg.calibration_split} images")
+    return reference, temperature
 
 
 def embedding_metrics(image_features: torch.Tensor, paired_text: torch.Tensor) -> Dict[str, float]:
@@ -81,7 +119,7 @@ def evaluate(model, eval_transform: Callable, tokenizer: Callable, cfg: EvalConf
     """All metrics of METHODS.md §4 on ``cfg.dataset``/``cfg.split``, clean and under corruptions."""
     t0 = time.perf_counter()
     model.eval()
-    scale = logit_scale_of(model)
+    scale = cfg.logit_scale or logit_scale_of(model)
     recorder = _Recorder(iter_samples(cfg.dataset, cfg.split, cfg.max_samples))
     image_features = encode_images(model, eval_transform, iter(recorder), cfg.batch_size)
     n = len(image_features)
@@ -100,7 +138,9 @@ def evaluate(model, eval_transform: Callable, tokenizer: Callable, cfg: EvalConf
         if int(labels.max()) >= len(classnames):
             raise ValueError(f"label {int(labels.max())} but only {len(classnames)} class names")
         class_weights = zero_shot_weights(model, tokenizer, classnames, cfg.templates, cfg.batch_size)
-        clean = classification_metrics(image_features, class_weights, labels, scale, cfg.ece_bins)
+        reference, temperature = reference_inputs(model, eval_transform, tokenizer, cfg, class_weights, scale, progress)
+        clean = classification_metrics(image_features, class_weights, labels, scale, cfg.ece_bins, reference,
+                                       temperature, cfg.consistency_ks)
         results["calibration"] = clean.pop("calibration")
         results["zero_shot"] = {**clean, "num_templates": len(cfg.templates), "chance_top1": 1 / len(classnames)}
 
@@ -127,13 +167,15 @@ def evaluate(model, eval_transform: Callable, tokenizer: Callable, cfg: EvalConf
     progress("clean metrics done")
 
     if class_weights is not None and cfg.corruptions:
-        results["shift"] = shift_metrics(model, eval_transform, cfg, class_weights, labels, scale, progress)
+        results["shift"] = shift_metrics(model, eval_transform, cfg, class_weights, labels, scale, progress,
+                                         reference, temperature)
         results["robustness"] = robustness_summary(results["zero_shot"]["top1"], results["shift"])
     results["seconds"] = time.perf_counter() - t0
     return results
 
 
-def shift_metrics(model, eval_transform, cfg: EvalConfig, class_weights, labels, scale, progress) -> Dict:
+def shift_metrics(model, eval_transform, cfg: EvalConfig, class_weights, labels, scale, progress,
+                  reference=None, temperature=None) -> Dict:
     """Zero-shot metrics on every corrupted copy of the split: {corruption: {severity: {...}}}."""
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
     for corruption in cfg.corruptions:
@@ -141,7 +183,8 @@ def shift_metrics(model, eval_transform, cfg: EvalConfig, class_weights, labels,
         for severity in cfg.severities:
             samples = iter_samples(cfg.dataset, cfg.split, cfg.max_samples)
             feats = encode_images(model, eval_transform, samples, cfg.batch_size, corruption, severity)
-            m = classification_metrics(feats, class_weights, labels, scale, cfg.ece_bins)
+            m = classification_metrics(feats, class_weights, labels, scale, cfg.ece_bins, reference, temperature,
+                                       cfg.consistency_ks)
             m.pop("calibration")
             out[corruption][str(severity)] = m
             progress(f"{corruption} severity {severity}: top1 {m['top1']:.3f}")
@@ -165,7 +208,7 @@ def robustness_summary(clean_top1: float, shift: Dict) -> Dict[str, float]:
 def headline(results: Dict) -> Dict[str, float]:
     """The flat scalars compared across runs (metric bars, compare table)."""
     flat: Dict[str, float] = {}
-    for section, keys in (("zero_shot", ("top1", "top5", "ece", "consistency")),
+    for section, keys in (("zero_shot", ("top1", "top5", "ece", "nll", "ece_ts", "nll_ts", "consistency")),
                           ("retrieval", ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")),
                           ("embedding", ("alignment", "uniformity_union", "modality_gap", "C_in", "C_cross")),
                           ("robustness", ("shifted_top1", "relative"))):

@@ -5,7 +5,10 @@ eval transform (PIL → tensor) and a tokenizer (list of str → token tensor), 
 """
 from __future__ import annotations
 
+import io
 import json
+import os
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +16,10 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from PIL import Image
 
 from pipeline.manifest import read_manifest
+from train.shard_source import KEY_EXT, is_remote, open_remote
 
 from ..corruptions import corrupt
 
@@ -31,28 +34,54 @@ class Sample:
     caption: Optional[str]
 
 
-def iter_samples(folder: str | Path, split: str, max_samples: int = 0) -> Iterator[Sample]:
-    """Samples of ``split`` in shard order (deterministic: no shuffling, one process)."""
-    manifest = read_manifest(folder)
+def iter_samples(folder: str | Path, split: str, max_samples: int = 0,
+                 storage_options: Optional[dict] = None) -> Iterator[Sample]:
+    """Samples of ``split`` in shard order (deterministic: no shuffling, one process).
+
+    ``folder`` is anything the trainer reads (a folder, an http(s)/s3/gs URL, a ``pipe:`` command);
+    remote shards are streamed, not cached. The image member is the extension the manifest records
+    (``fields['image']``, the ingestion's encode_format); a sample without it falls back to another
+    image extension it holds. A damaged shard raises: evaluation numbers must not silently shrink.
+    """
+    manifest = read_manifest(folder, storage_options)
     image_ext = manifest.fields.get("image", "jpg")
     caption_ext = manifest.fields.get("caption", "txt")
     meta_ext = manifest.fields.get("metadata", "json")
-    dataset = wds.WebDataset(manifest.shard_paths(split), shardshuffle=False, empty_check=False).decode("pil")
-    for count, raw in enumerate(dataset):
-        if max_samples and count >= max_samples:
-            return
-        ext = image_ext if image_ext in raw else next((e for e in IMAGE_EXTS if e in raw), None)
-        if ext is None:
-            raise ValueError(f"sample {raw['__key__']} in {raw.get('__url__')} has no image ({sorted(raw)})")
-        meta = raw.get(meta_ext) or {}
-        if isinstance(meta, (bytes, str)):
-            meta = json.loads(meta)
-        caption = raw.get(caption_ext, meta.get("caption"))
-        if isinstance(caption, bytes):
-            caption = caption.decode("utf-8")
-        label = meta.get("label")
-        yield Sample(key=raw["__key__"], image=raw[ext], label=None if label is None else int(label),
-                     caption=caption)
+    count = 0
+    for url in manifest.shard_paths(split):
+        for raw in _tar_samples(url, storage_options):
+            if max_samples and count >= max_samples:
+                return
+            count += 1
+            ext = image_ext if image_ext in raw else next((e for e in IMAGE_EXTS if e in raw), None)
+            if ext is None:
+                raise ValueError(f"sample {raw['__key__']} in {url} has no image ({sorted(raw)})")
+            meta = json.loads(raw[meta_ext]) if meta_ext in raw else {}
+            caption = raw[caption_ext].decode("utf-8") if caption_ext in raw else meta.get("caption")
+            image = Image.open(io.BytesIO(raw[ext]))
+            image.load()
+            label = meta.get("label")
+            yield Sample(key=raw["__key__"], image=image, label=None if label is None else int(label),
+                         caption=caption)
+
+
+def _tar_samples(url: str, storage_options: Optional[dict]) -> Iterator[dict]:
+    """{'__key__': key, ext: bytes} per sample of one tar, streamed in order (WebDataset grouping)."""
+    stream = open_remote(url, storage_options) if is_remote(url) else open(url, "rb")
+    sample: dict = {}
+    with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            match = KEY_EXT.match(member.name) if member.isfile() else None
+            if match is None:
+                continue
+            key = os.path.basename(match.group(1))
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[match.group(2)] = tar.extractfile(member).read()
+    if sample:
+        yield sample
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -35,13 +35,25 @@ def eval_markdown(results: Dict, title: str = "Evaluation") -> str:
              f"{ds['num_classes']} classes. Logit scale {results['model']['logit_scale']:.2f}.", ""]
     if "zero_shot" in results:
         zs = results["zero_shot"]
+        knn = zs.get("consistency_definition") == "knn_train"
+        definition = ("Consistency (CyCLIP's definition): the zero-shot prediction agrees with the majority vote of "
+                      f"the k nearest *training* image embeddings, mean over k ∈ {{{', '.join(zs['consistency_k'])}}}; "
+                      "in-modal top-1 is the k-NN vote's accuracy at k = 10." if knn else
+                      "Consistency (fallback, not CyCLIP's definition: no reference_dataset given): the zero-shot "
+                      "prediction agrees with the nearest leave-one-out class prototype of the evaluated images.")
+        header = ["top-1", "top-5", "ECE (15 bins)" if len(results["calibration"]["count"]) == 15 else "ECE", "NLL"]
+        row = [zs["top1"], zs["top5"], zs["ece"], zs["nll"]]
+        if "temperature" in zs:
+            header += ["T (fitted on val)", "ECE after T", "NLL after T"]
+            row += [zs["temperature"], zs["ece_ts"], zs["nll_ts"]]
         parts += ["## Zero-shot classification", "",
                   f"Prompt ensemble of {zs['num_templates']} templates; chance top-1 = {zs['chance_top1']:.4f}. "
-                  "Consistency: cross-modal prediction agrees with the in-modal one (nearest leave-one-out "
-                  "class prototype of image embeddings).", "",
-                  markdown_table(["top-1", "top-5", "ECE (15 bins)" if len(results["calibration"]["count"]) == 15
-                                  else "ECE", "consistency", "in-modal top-1"],
-                                 [[zs["top1"], zs["top5"], zs["ece"], zs["consistency"], zs["in_modal_top1"]]]), ""]
+                  + definition, "",
+                  markdown_table(header + ["consistency", "in-modal top-1"],
+                                 [row + [zs["consistency"], zs["in_modal_top1"]]]), ""]
+        if knn:
+            parts += [markdown_table(["k", "consistency", "k-NN top-1"],
+                                     [[k, v, zs["knn_top1_k"][k]] for k, v in zs["consistency_k"].items()]), ""]
     if "retrieval" in results:
         r = results["retrieval"]
         parts += ["## Retrieval", "", f"{r['num_images']} images, {r['num_texts']} texts. "
@@ -57,13 +69,13 @@ def eval_markdown(results: Dict, title: str = "Evaluation") -> str:
                                  [[e["alignment"], e["uniformity_image"], e["uniformity_text"],
                                    e["uniformity_union"], e["modality_gap"], e["C_in"], e["C_cross"]]]), ""]
     if "shift" in results:
-        rows = [[c, s, m["top1"], m["top5"], m["ece"], m["consistency"]]
+        rows = [[c, s, m["top1"], m["top5"], m["ece"], m.get("ece_ts", math.nan), m["consistency"]]
                 for c, sev in results["shift"].items() for s, m in sev.items()]
         rob = results["robustness"]
         parts += ["## Distribution shift", "",
                   f"Clean top-1 {rob['clean_top1']:.4f}; mean shifted top-1 {rob['shifted_top1']:.4f} "
                   f"(drop {rob['drop']:.4f}, {100 * rob['relative']:.1f}% of clean accuracy kept).", "",
-                  markdown_table(["corruption", "severity", "top-1", "top-5", "ECE", "consistency"], rows), ""]
+                  markdown_table(["corruption", "severity", "top-1", "top-5", "ECE", "ECE after T", "consistency"], rows), ""]
     return "\n".join(parts)
 
 

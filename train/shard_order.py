@@ -1,0 +1,182 @@
+"""The global sample order of training: a pure function of (seed, epoch, manifest, global batch, P).
+
+The scheme is mosaicml-streaming's canonical partitions applied to WebDataset shards:
+
+* Epoch e permutes the shards: ``perm_e = default_rng([seed, e]).permutation(num_shards)``.
+* The permuted shards, laid end to end, are cut into P canonical partitions ("streams") of
+  L = floor(N / P) samples each: stream p holds samples [p*L, (p+1)*L) of that sequence, i.e. a run of
+  consecutive shards (the first and last possibly in part). A stream reads its shards one after
+  another (sequential reads: the speed of a streaming pipeline).
+* Each stream cuts its shard pieces into blocks of ``window`` pieces; the samples of block k are
+  visited in the order ``default_rng([seed, e, p, k]).permutation(block_size)`` (the shuffle window).
+* Global batch t takes c = B / P consecutive samples from every stream, stream 0 first.
+  Rank r of W trains on streams ``[r*P/W, (r+1)*P/W)``: a contiguous slice of the global batch, so
+  2 ranks x b see exactly the samples of 1 rank x 2b. The rule: W divides P and P divides B.
+* ``steps_per_epoch = L // c`` does not depend on e: step t lives in epoch ``t // steps_per_epoch``.
+  An epoch visits all but fewer than P + B samples (the remainders of N / P and L / c); a different
+  permutation leaves out different ones. A shard cut between two streams is read in part by each
+  (for remote shards that costs one extra shard download per stream and epoch).
+
+Memory per rank: the shard sizes, one shard permutation per epoch (O(#shards)) and one block
+permutation per stream (O(window x samples per shard)); never O(#samples). Resuming at step t
+computes the same arrays: O(#shards), no replay.
+
+Shuffle quality: a global batch draws c samples from each of P streams, each out of a window of
+``window`` shards; so one batch mixes samples of up to P * window distinct shards (a global shuffle
+would draw B samples from min(B, #shards) shards); consecutive batches of one stream are correlated
+within a block. The ingestion's reshard stage already shuffles samples across shards, which is what
+makes a block-local shuffle sufficient.
+"""
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+MAX_AUTO_PARTITIONS = 64
+
+
+def auto_partitions(num_shards: int, global_batch: int, cap: int = MAX_AUTO_PARTITIONS) -> int:
+    """The default P: the largest power of two <= min(cap, num_shards) that divides the global batch.
+
+    A function of the dataset and the batch only (never of the world size), so every restart agrees.
+    """
+    p = 1
+    while p * 2 <= min(cap, num_shards) and global_batch % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+class ShardOrder:
+    """Which (shard, sample-in-shard) pairs each stream contributes to global batch t (see module doc)."""
+
+    def __init__(self, shard_sizes: Sequence[int], global_batch: int, partitions: int, window: int, seed: int):
+        sizes = np.asarray(shard_sizes, dtype=np.int64)
+        if partitions < 1 or global_batch % partitions:
+            raise ValueError(f"data.partitions={partitions} must divide data.global_batch_size={global_batch}")
+        if window < 1:
+            raise ValueError(f"data.shuffle_window must be >= 1, got {window}")
+        self.sizes, self.partitions, self.window, self.seed = sizes, partitions, window, seed
+        self.per_stream = global_batch // partitions
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # global index of each shard's first sample
+        self.stream_len = int(self.offsets[-1]) // partitions
+        self.steps_per_epoch = self.stream_len // self.per_stream
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{self.offsets[-1]} samples cannot fill one global batch of {global_batch}")
+        self._init_caches()
+
+    def _init_caches(self) -> None:
+        self._epoch, self._perm, self._ends = -1, None, None
+        self._block_perm = lru_cache(maxsize=2 * self.partitions)(self._make_block_perm)
+        self.blocks = lru_cache(maxsize=2 * self.partitions)(self._blocks)  # per (epoch, stream): O(#shards / P)
+
+    def __getstate__(self) -> dict:  # DataLoader workers under spawn/forkserver: caches are rebuilt there
+        return {k: v for k, v in self.__dict__.items() if k not in ("_block_perm", "blocks", "_perm", "_ends")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_caches()
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.offsets[-1])
+
+    # ------------------------------------------------------------------ streams and blocks
+    def shard_permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.sizes))
+            self._ends = np.cumsum(self.sizes[self._perm])  # end of each permuted shard in the sequence
+        return self._perm
+
+    def pieces(self, epoch: int, stream: int) -> np.ndarray:
+        """(k, 3) int64: the stream's shards in read order as (shard id, first sample, end sample)."""
+        perm = self.shard_permutation(epoch)
+        a, b = stream * self.stream_len, (stream + 1) * self.stream_len
+        i0, i1 = int(np.searchsorted(self._ends, a, side="right")), int(np.searchsorted(self._ends, b, side="left"))
+        shards = perm[i0:i1 + 1]
+        begins = self._ends[i0:i1 + 1] - self.sizes[shards]
+        lo, hi = np.maximum(a - begins, 0), np.minimum(b - begins, self.sizes[shards])
+        keep = hi > lo
+        return np.stack([shards[keep], lo[keep], hi[keep]], axis=1)
+
+    def _blocks(self, epoch: int, stream: int) -> Tuple[List[np.ndarray], np.ndarray]:
+        """The stream's blocks (piece arrays) and each block's first position in the stream."""
+        pieces = self.pieces(epoch, stream)
+        blocks = [pieces[i:i + self.window] for i in range(0, len(pieces), self.window)]
+        starts = np.concatenate([[0], np.cumsum([int((b[:, 2] - b[:, 1]).sum()) for b in blocks])])
+        return blocks, starts
+
+    def _make_block_perm(self, epoch: int, stream: int, block: int, size: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, stream, block]).permutation(size)
+
+    def state_dict(self) -> dict:
+        """What the order depends on besides (seed, step): a resumed run must match it exactly."""
+        return {"partitions": self.partitions, "window": self.window, "global_batch": self.per_stream * self.partitions,
+                "seed": self.seed, "num_shards": len(self.sizes), "num_samples": self.num_samples,
+                "shard_sizes_sha1": hashlib.sha1(self.sizes.tobytes()).hexdigest()}
+
+    def check_resume(self, saved: dict) -> None:
+        """ValueError naming what differs when a checkpoint was trained on another order.
+
+        World size and data.num_workers are not part of it: they may change on resume."""
+        mine = self.state_dict()
+        changed = {k: (saved[k], mine[k]) for k in mine if k in saved and saved[k] != mine[k]}
+        if changed:
+            raise ValueError("the checkpoint was trained on another sample order (saved -> now): " +
+                             ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) +
+                             "; resume with the same dataset, data.partitions, data.shuffle_window and batch")
+
+    def rank_streams(self, rank: int, world_size: int) -> range:
+        if self.partitions % world_size:
+            raise ValueError(f"{world_size} ranks cannot share data.partitions={self.partitions} streams: the "
+                             "world size must divide it (set data.partitions to a multiple of it; it must then "
+                             "stay fixed for the whole run)")
+        per = self.partitions // world_size
+        return range(rank * per, (rank + 1) * per)
+
+    # ------------------------------------------------------------------ samples
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def slots(self, step: int, stream: int) -> List["Slot"]:
+        """The c samples stream ``stream`` contributes to global batch ``step``, in batch order."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        blocks, starts = self.blocks(epoch, stream)
+        out = []
+        for j in range(position * self.per_stream, (position + 1) * self.per_stream):
+            k = int(np.searchsorted(starts, j, side="right") - 1)
+            out.append(Slot(self, epoch, stream, k, blocks[k], int(j - starts[k])))
+        return out
+
+
+class Slot:
+    """One position of a block's shuffled order; ``candidates()`` gives it and its substitutes."""
+
+    __slots__ = ("order", "epoch", "stream", "block", "pieces", "local")
+
+    def __init__(self, order: ShardOrder, epoch: int, stream: int, block: int, pieces: np.ndarray, local: int):
+        self.order, self.epoch, self.stream, self.block = order, epoch, stream, block
+        self.pieces, self.local = pieces, local
+
+    @property
+    def shards(self) -> np.ndarray:
+        return self.pieces[:, 0]
+
+    def candidates(self):
+        """(shard, index in shard, global index) for this slot, then the block's next positions, cyclically.
+
+        A slot whose sample is unreadable takes the next readable one of its block (a duplicate in that
+        epoch): a deterministic choice, so the batch stays full and rank-count independent.
+        """
+        lengths = self.pieces[:, 2] - self.pieces[:, 1]
+        size = int(lengths.sum())
+        perm = self.order._block_perm(self.epoch, self.stream, self.block, size)
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        for attempt in range(size):
+            local = int(perm[(self.local + attempt) % size])
+            i = int(np.searchsorted(bounds, local, side="right") - 1)
+            shard, inner = int(self.pieces[i, 0]), int(self.pieces[i, 1]) + local - int(bounds[i])
+            yield shard, inner, int(self.order.offsets[shard]) + inner

@@ -1,0 +1,245 @@
+"""Where shard bytes come from: local folders, http(s)/s3/gs/any fsspec URL, or webdataset ``pipe:`` commands.
+
+Remote shards are copied whole into a bounded local cache (``data.cache_dir``, ``data.cache_limit_gb``),
+least recently used first out. A download goes to a hidden temporary name and is renamed only once it
+is complete (and, when the manifest records one, its sha256 matches): a crash mid-download never leaves
+a half file under a final name. Processes of one node share the cache; a per-file lock makes one of
+them download while the others wait. A failing source is retried with exponential backoff, then the
+shard is reported unavailable (the loader skips and counts its samples).
+
+Each shard has a compact index of its samples (numpy: start and end byte of each sample's members;
+the ingestion writes it beside the tar, see ``pipeline.manifest.write_sample_index``; for shards
+without one it is scanned once per node and shared through the cache dir), so a sample is one
+``pread`` of exactly its bytes: reading a shard in any order costs the same bytes as streaming it.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import logging
+import os
+import re
+import subprocess
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from pipeline.manifest import KEY_EXT, index_tar
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+
+
+class ShardUnavailable(RuntimeError):
+    """A shard could not be fetched (after retries) or is not a readable tar."""
+
+
+def is_remote(root: str) -> bool:
+    return root.startswith("pipe:") or "://" in root and not root.startswith("file://")
+
+
+def join(root: str, rel: str) -> str:
+    """The location of ``rel`` under ``root``; a ``pipe:`` root holds ``{}`` where ``rel`` goes."""
+    if root.startswith("pipe:"):
+        return root.replace("{}", rel) if "{}" in root else f"{root} {rel}"
+    return f"{root.rstrip('/')}/{rel}" if is_remote(root) else os.path.join(root.removeprefix("file://"), rel)
+
+
+def open_remote(url: str, storage_options: Optional[dict] = None):
+    """A readable binary stream for a URL or ``pipe:`` command (the caller closes it)."""
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)
+        return _PipeStream(proc)
+    import fsspec
+
+    options = dict(storage_options or {})
+    if url.startswith(("http://", "https://")):
+        options.setdefault("block_size", 0)  # stream the body: no range requests, no 5 MB read-ahead blocks
+    return fsspec.open(url, "rb", **options).open()
+
+
+class _PipeStream(io.RawIOBase):
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self.proc.stdout.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.proc.stdout.close()
+            if self.proc.wait() != 0:
+                super().close()
+                raise OSError(f"pipe command exited with status {self.proc.returncode}: {self.proc.args}")
+        super().close()
+
+
+class ShardCache:
+    """Local copies of remote shards in ``cache_dir``, at most ``limit_bytes`` of them (LRU eviction)."""
+
+    def __init__(self, cache_dir: str, limit_bytes: int, retries: int = 3, backoff_s: float = 1.0,
+                 storage_options: Optional[dict] = None):
+        self.dir = Path(cache_dir).expanduser()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / ".locks").mkdir(exist_ok=True)
+        self.limit, self.retries, self.backoff_s = limit_bytes, retries, backoff_s
+        self.storage_options = storage_options or {}
+        self.bytes_downloaded = 0
+
+    def name_of(self, url: str) -> str:
+        digest = hashlib.sha1(url.encode()).hexdigest()[:16]
+        return f"{digest}-{re.sub(r'[^A-Za-z0-9._-]', '_', url.rsplit('/', 1)[-1])[-80:]}"
+
+    def get(self, url: str, sha256: str = "") -> str:
+        """Local path of the shard at ``url``, downloading it first if needed; raises ShardUnavailable."""
+        path = self.dir / self.name_of(url)
+        with open(self.dir / ".locks" / f"{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one downloader per file across workers and ranks of a node
+            if not path.exists():
+                self._download(url, path, sha256)
+                self.evict(keep=path)
+        os.utime(path)  # the LRU clock
+        return str(path)
+
+    def _download(self, url: str, path: Path, sha256: str) -> None:
+        last = None
+        for attempt in range(self.retries + 1):
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+            try:
+                digest, size = hashlib.sha256(), 0
+                with open_remote(url, self.storage_options) as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(CHUNK):
+                        dst.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+                if sha256 and digest.hexdigest() != sha256:
+                    raise IOError(f"sha256 mismatch after {size} bytes (truncated or changed at the source)")
+                os.replace(tmp, path)  # complete and verified: only now does it get its final name
+                self.bytes_downloaded += size
+                return
+            except Exception as err:  # network, HTTP status, pipe exit code, checksum
+                last = err
+                tmp.unlink(missing_ok=True)
+                if attempt < self.retries:
+                    delay = self.backoff_s * 2 ** attempt
+                    log.warning("fetching %s failed (%s); retry %d/%d in %.1f s", url, err, attempt + 1,
+                                self.retries, delay)
+                    time.sleep(delay)
+        raise ShardUnavailable(f"{url}: {self.retries + 1} attempts failed, last: {last}")
+
+    def index(self, path: str, identity: str, counter: list) -> np.ndarray:
+        """``index_tar`` of a local tar, computed once per node: the processes that share this cache load
+        it from ``.idx-<hash>.npy`` (16 bytes per sample; kept, not evicted). ``identity`` names the
+        content (URL + sha256 for cached shards, path + size + mtime for local ones)."""
+        name = f".idx-{hashlib.sha1(identity.encode()).hexdigest()[:24]}.npy"
+        sidecar = self.dir / name
+        try:
+            with open(self.dir / ".locks" / f"{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not sidecar.exists():
+                    with CountingFile(path, counter) as f:
+                        rows = index_tar(f)
+                    tmp = sidecar.with_name(f"{name}.tmp{os.getpid()}")
+                    with open(tmp, "wb") as out:
+                        np.save(out, rows)
+                    os.replace(tmp, sidecar)
+                    return rows
+            counter[0] += sidecar.stat().st_size
+            return np.load(sidecar)
+        except (OSError, ValueError) as err:  # unwritable cache or damaged sidecar: index in memory instead
+            log.warning("index sidecar %s unusable (%s); scanning the tar", sidecar, err)
+            with CountingFile(path, counter) as f:
+                return index_tar(f)
+
+    def evict(self, keep: Path) -> None:
+        """Delete least recently used shards until the cache fits its limit (never ``keep``).
+
+        Readers hold their shards open, and an unlinked open file stays readable on POSIX.
+        """
+        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.iterdir()
+                 if p.is_file() and not p.name.startswith(".")]
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files, key=lambda f: f[0]):
+            if total <= self.limit:
+                break
+            if p != keep:
+                p.unlink(missing_ok=True)
+                total -= size
+
+
+def read_members(fd: int, start: int, end: int) -> Dict[str, bytes]:
+    """The members of one sample: {'__key__': key, ext: bytes}.
+
+    Plain ustar headers are parsed here directly (a tarfile object per sample costs more than a
+    small decode); anything else (pax or GNU long names) goes through tarfile.
+    """
+    region = os.pread(fd, end - start, start)
+    sample: Dict[str, bytes] = {}
+    pos = 0
+    while pos + 512 <= len(region):
+        header = region[pos:pos + 512]
+        if header.count(0) == 512:
+            break
+        kind = header[156:157]
+        if kind not in (b"0", b"\0") or header[257:262] not in (b"ustar", b"\0\0\0\0\0"):
+            return _read_members_tarfile(region)
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        match = KEY_EXT.match(f"{prefix}/{name}" if prefix else name)
+        if pos + 512 + size > len(region):
+            raise EOFError(f"member {name} cut short")
+        if match is not None:
+            sample["__key__"] = os.path.basename(match.group(1))
+            sample[match.group(2)] = region[pos + 512:pos + 512 + size]
+        pos += 512 + (size + 511) // 512 * 512
+    return sample
+
+
+def _read_members_tarfile(region: bytes) -> Dict[str, bytes]:
+    sample: Dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(region), mode="r:") as tar:
+        for member in tar:
+            match = KEY_EXT.match(member.name) if member.isfile() else None
+            if match is not None:
+                sample["__key__"] = os.path.basename(match.group(1))
+                sample[match.group(2)] = tar.extractfile(member).read()
+    return sample
+
+
+class CountingFile(io.RawIOBase):
+    """A read-only file that counts the bytes read through it (read amplification accounting)."""
+
+    def __init__(self, path: str, counter: list):
+        self.f, self.counter = open(path, "rb", buffering=0), counter
+        self.size = os.fstat(self.f.fileno()).st_size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.f.readinto(buffer)
+        self.counter[0] += n or 0
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
