@@ -128,8 +128,8 @@ def run(quick: bool) -> str:
               "ZeRO-1 and 1 rank, most of that extra step time was page faults: each step allocates ~240 MB of "
               "fresh gradient, flatten and norm buffers, which glibc maps and unmaps again every time. The trainer "
               "keeps freed memory in the heap on CPU (`run.cpu_allocator_cache`, mallopt), which the "
-              "'glibc allocator defaults' row switches off. The bf16 rows show the two ways bf16 can run (CPU "
-              "with AMX here). Total bench "
+              "'glibc allocator defaults' row switches off. The full run (without --quick) adds one row per bf16 "
+              "mode (CPU with AMX here). Total bench "
               f"time {elapsed:.0f} s; 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
               "(above 2 = other processes shared the 2 cores, so absolute numbers are low and the ratio is noisy)."]
     return "\n".join(lines) + "\n"

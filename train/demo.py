@@ -54,6 +54,8 @@ class DemoConfig:
     """Local training processes (gloo on CPU)."""
     pretrain_overrides: List[str] = field(default_factory=list)
     """key=value overrides applied to both pretraining configs (same budget for CLIP and CyCLIP)."""
+    cyclip_overrides: List[str] = field(default_factory=list)
+    """key=value overrides for the CyCLIP pretraining arm only (its lambda, chosen on val by ``make study``)."""
     finetune_overrides: List[str] = field(default_factory=list)
     """key=value overrides applied to both fine-tuning configs (same budget for plain and m²-Mix)."""
     eval_max_samples: int = 1000
@@ -111,7 +113,8 @@ def build_shards(cfg: DemoConfig) -> bool:
 def pretrain_runs(cfg: DemoConfig, seeds: List[int], extra: List[str] = (), methods=("clip", "cyclip"),
                   prefix: str = "pretrain") -> List[Run]:
     return [Run(f"{prefix}_{m}_s{s}", str(PRETRAIN[m]),
-                [f"data.path={cfg.data}", *cfg.pretrain_overrides, *extra, f"run.seed={s}"])
+                [f"data.path={cfg.data}", *cfg.pretrain_overrides, *(cfg.cyclip_overrides if m == "cyclip" else []),
+                 *extra, f"run.seed={s}"])
             for m in methods for s in seeds]
 
 
