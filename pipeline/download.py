@@ -150,7 +150,7 @@ def _img2dataset(fetch_list: Path, out: Path, cfg: IngestConfig, timeout: int, r
         resize_mode=d.resize_mode,
         resize_only_if_bigger=d.resize_only_if_bigger,
         encode_format=d.encode_format,
-        encode_quality=d.encode_quality,
+        encode_quality=d.quality,
         processes_count=d.processes_count,
         thread_count=d.thread_count,
         timeout=timeout,

@@ -220,7 +220,11 @@ def write_sample_index(tar_path: str | os.PathLike, index_path: str | os.PathLik
     """Write ``index_tar`` of a tar as .npy (16 bytes per sample), atomically. Readers then fetch a
     shard's sample offsets instead of scanning its tar headers (no extra bytes read at training time)."""
     with open(tar_path, "rb") as f:
-        rows = index_tar(f)
+        return save_sample_index(index_tar(f), index_path)
+
+
+def save_sample_index(rows: "np.ndarray", index_path: str | os.PathLike) -> Path:
+    """Write an (n_samples, 2) int64 index as .npy under a temporary name, then rename (atomic)."""
     index_path = Path(index_path)
     tmp = index_path.with_name(f".{index_path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as out:

@@ -57,7 +57,9 @@ class DownloadConfig:
     """no | border | keep_ratio | keep_ratio_largest | center_crop."""
     resize_only_if_bigger: bool = False
     encode_format: str = "jpg"
-    encode_quality: int = 95
+    encode_quality: Optional[int] = None
+    """JPEG/WebP quality (0-100) or PNG compression level (0-9); empty = the format's default
+    (95 for jpg and webp, 1 for png: OpenCV's own PNG default)."""
     processes_count: int = 2
     thread_count: int = 16
     timeout: int = 10
@@ -88,6 +90,13 @@ class DownloadConfig:
     """X-Robots-Tag directives that forbid use; None = img2dataset's default (noai, noindex, ...)."""
     distributor: str = "multiprocessing"
     """multiprocessing, or pyspark to spread one part over a Spark cluster."""
+
+    @property
+    def quality(self) -> int:
+        """``encode_quality`` with the format's default filled in (what img2dataset receives)."""
+        if self.encode_quality is not None:
+            return self.encode_quality
+        return 1 if self.encode_format == "png" else 95
 
 
 @dataclass
@@ -154,9 +163,12 @@ class IngestConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key} must be one of {'|'.join(allowed)}, got '{value}'")
-        if self.download.encode_format == "png" and not 0 <= self.download.encode_quality <= 9:
+        d = self.download
+        if d.encode_format == "png" and not 0 <= d.quality <= 9:
             raise ConfigError("download.encode_quality is the PNG compression level (0-9) with encode_format=png, "
-                              f"got {self.download.encode_quality}")
+                              f"got {d.encode_quality}")
+        if d.encode_format != "png" and not 0 <= d.quality <= 100:
+            raise ConfigError(f"download.encode_quality is the {d.encode_format} quality (0-100), got {d.encode_quality}")
         if self.input.columns is not None:
             missing = [c for c in (self.input.url_col, self.input.caption_col, *self.input.keep_columns)
                        if c not in self.input.columns]

@@ -15,27 +15,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.data_fixtures import make_digits_dataset
+from tests.rank_launcher import launch_ranks, wait_ranks
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, STOP = 8, 4
 BF16_STEPS, BF16_RTOL, BF16_ATOL = 3, 0.02, 0.005
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Bf16Runs:
@@ -53,20 +44,7 @@ class Bf16Runs:
                 "logging.progress_bar=false", "logging.tensorboard=false", *extra]
 
     def run(self, name: str, *extra: str, world: int = 2, timeout: float = 600) -> list[int]:
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
-                   PYTHONPATH=str(ROOT), WORLD_SIZE=str(world))
-        procs = []
-        for rank in range(world):
-            log = open(self.root / f"{name}.rank{rank}.log", "ab")
-            procs.append(subprocess.Popen([sys.executable, "-m", "train", *self.args(name, *extra)], cwd=ROOT,
-                                          stdout=log, stderr=subprocess.STDOUT,
-                                          env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
-        try:
-            return [p.wait(timeout=timeout) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+        return wait_ranks(launch_ranks(self.root, name, world, self.args(name, *extra)), timeout)
 
     def resumed(self, stage: int) -> Path:
         """bf16 at `stage`: stopped with a checkpoint after STOP steps, then resumed to the end."""

@@ -16,9 +16,7 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,16 +24,11 @@ import pytest
 import torch
 
 from tests.data_fixtures import make_digits_dataset
+from tests.rank_launcher import launch_ranks, wait_ranks
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 LOSS_RTOL, LOSS_ATOL, WEIGHT_ATOL = 1e-4, 1e-5, 1e-4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Runs:
@@ -53,24 +46,11 @@ class Runs:
                 "logging.progress_bar=false", "logging.tensorboard=false", "logging.log_sample_keys=true"]
 
     def launch(self, world: int, args: list[str], extra_env: dict | None = None) -> list[subprocess.Popen]:
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
-                   PYTHONPATH=str(ROOT), WORLD_SIZE=str(world), **(extra_env or {}))
         name = Path(next(a for a in args if a.startswith("run.run_dir=")).split("=", 1)[1]).name
-        procs = []
-        for rank in range(world):
-            log = open(self.root / f"{name}.rank{rank}.log", "ab")
-            procs.append(subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, stdout=log,
-                                          stderr=subprocess.STDOUT, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
-        return procs
+        return launch_ranks(self.root, name, world, args, extra_env)
 
     def run(self, world: int, args: list[str], extra_env: dict | None = None, timeout: float = 400) -> list[int]:
-        procs = self.launch(world, args, extra_env)
-        try:
-            return [p.wait(timeout=timeout) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+        return wait_ranks(self.launch(world, args, extra_env), timeout)
 
     def get(self, name: str, world: int, overrides: list[str], expect=(0,)) -> Path:
         if name not in self.done:

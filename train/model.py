@@ -17,7 +17,8 @@ class ModelConfig:
     name: str = "tiny_vit"
     """open_clip model name (ViT-B-32, RN50, ...) or the stem of a JSON file in configs/model/."""
     config_file: Optional[str] = None
-    """Path of an open_clip model-config JSON; registers it under ``name`` (its file stem if name is empty)."""
+    """Path of an open_clip model-config JSON. open_clip registers it under its file stem, so when it is
+    set the model *is* that stem and ``name`` is replaced by it (a YAML's ``name`` never shadows it)."""
     pretrained: Optional[str] = None
     """Initial weights: a local file (open_clip state dict or this trainer's export) or an open_clip tag."""
     force_image_size: Optional[int] = None
@@ -26,6 +27,12 @@ class ModelConfig:
     """Lower bound of RandomResizedCrop's area scale in the train transform (open_clip default 0.9)."""
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments passed to open_clip's model constructor."""
+
+    def __post_init__(self) -> None:
+        if self.config_file:
+            if not Path(self.config_file).is_file():
+                raise ValueError(f"model.config_file: no such file: {self.config_file}")
+            self.name = Path(self.config_file).stem
 
 
 def register_model_configs(config_file: Optional[str] = None) -> None:
@@ -61,7 +68,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Tuple[t
     name = cfg.name
     if cfg.config_file:
         register_model_configs(cfg.config_file)
-        name = name or Path(cfg.config_file).stem
+        name = Path(cfg.config_file).stem  # what open_clip registered it as (ModelConfig sets name to it too)
     else:
         register_model_configs()
     local_weights = cfg.pretrained if cfg.pretrained and os.path.isfile(cfg.pretrained) else None

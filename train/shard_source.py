@@ -29,7 +29,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from pipeline.manifest import KEY_EXT, index_tar
+from pipeline.manifest import KEY_EXT, index_tar, save_sample_index
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -147,10 +147,7 @@ class ShardCache:
                 if not sidecar.exists():
                     with CountingFile(path, counter) as f:
                         rows = index_tar(f)
-                    tmp = sidecar.with_name(f"{name}.tmp{os.getpid()}")
-                    with open(tmp, "wb") as out:
-                        np.save(out, rows)
-                    os.replace(tmp, sidecar)
+                    save_sample_index(rows, sidecar)
                     return rows
             counter[0] += sidecar.stat().st_size
             return np.load(sidecar)
