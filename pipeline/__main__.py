@@ -39,13 +39,38 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "configs" / "shards_demo.yaml"
 
 
+# Settings that change how fast the work runs, never what it writes: a rerun may change them.
+RERUN_FREE = {"workers", "download.processes_count", "download.thread_count"}
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def check_unchanged(saved: Path, cfg: IngestConfig) -> None:
+    """A work folder resumes only with the settings it started with (mixed settings would mix shards)."""
+    before = _flat(OmegaConf.to_container(OmegaConf.structured(load_config(IngestConfig, saved))))
+    after = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    changed = sorted(k for k in before.keys() | after.keys() if k not in RERUN_FREE and before.get(k) != after.get(k))
+    if changed:
+        first = changed[0]
+        raise InputError(f"{saved}: settings changed since this work folder was started ({', '.join(changed)}; "
+                         f"{first} was {before.get(first)!r}, now {after.get(first)!r}); use a new OUT or delete "
+                         f"{saved.parent}")
+
+
 def resolve_config(args, out: Path) -> IngestConfig:
-    """--config + overrides on the first command; afterwards the saved copy, unless given again."""
+    """--config + overrides on the first command; afterwards the saved copy, unless given again (then it must
+    match the saved one, except for RERUN_FREE)."""
     saved = stages.work_dir(IngestConfig(), out) / "config.yaml"
     path = args.config
     if path is None and saved.exists():
         path = saved
     cfg = load_config(IngestConfig, path, args.overrides)
+    if saved.exists() and (args.config or args.overrides):
+        check_unchanged(saved, cfg)
     work = stages.work_dir(cfg, out)
     work.mkdir(parents=True, exist_ok=True)
     if not saved.exists() or args.config or args.overrides:

@@ -324,3 +324,26 @@ def test_fetch_front_passes_robots_headers_and_reports_failures():
     from pipeline.download import classify_failure
 
     assert classify_failure(str(err.value)) == "http_404"
+
+
+def test_rerun_with_changed_settings_is_refused_but_speed_knobs_may_change(tmp_path):
+    """A work folder resumes only with its own settings: 32 px shards must not be finished at 64 px."""
+    import argparse
+
+    from pipeline.__main__ import resolve_config
+    from pipeline.config import load_config as load
+    from pipeline.read_input import InputError
+    from pipeline.settings import IngestConfig
+
+    out = tmp_path / "out"
+    first = argparse.Namespace(config=None, overrides=["download.image_size=32", "download.resize_mode=no"])
+    assert resolve_config(first, out).download.image_size == 32
+    same = argparse.Namespace(config=None, overrides=["download.image_size=32", "download.resize_mode=no",
+                                                      "workers=1", "download.thread_count=4"])
+    assert resolve_config(same, out).download.thread_count == 4
+    with pytest.raises(InputError, match=r"download\.image_size was 32, now 64"):
+        resolve_config(argparse.Namespace(config=None, overrides=["download.image_size=64",
+                                                                  "download.resize_mode=no"]), out)
+    resumed = resolve_config(argparse.Namespace(config=None, overrides=[]), out)  # no settings: the saved ones
+    assert resumed.download.image_size == 32 and resumed.download.resize_mode == "no"
+    assert load(IngestConfig, out / "_work" / "config.yaml").download.image_size == 32
