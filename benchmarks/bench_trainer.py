@@ -62,12 +62,17 @@ def open_clip_train(log_dir: Path, model: str, image_size: int, batch: int, step
             "--report-to", "", "--warmup", "2", "--lr", "5e-4",
             # the same work per step as this trainer's configs, which clip at optim.grad_clip = 1.0
             "--grad-clip-norm", "1.0"]
+    return run_open_clip_train(args, log_dir, threads, "open_clip_train")
+
+
+def run_open_clip_train(args: list, log_dir: Path, threads: int, what: str) -> float:
+    """Run an open_clip_train command; its median samples/s over the last two thirds of its log lines."""
     out = subprocess.run(args, cwd=log_dir, env=_env(threads), capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"open_clip_train failed: {out.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed: {out.stderr[-3000:]}")
     rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,", out.stdout + out.stderr)]
     if not rates:
-        raise RuntimeError("no throughput lines in open_clip_train's output")
+        raise RuntimeError(f"no throughput lines in {what}'s output")
     return statistics.median(rates[len(rates) // 3:])
 
 

@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.bench_trainer import _env, _free_port, open_clip_train, ours  # noqa: E402
+from benchmarks.bench_trainer import _env, _free_port, open_clip_train, ours, run_open_clip_train  # noqa: E402
 
 RESUME_RTOL = 1e-2
 """Resumed vs uninterrupted, every loss term of steps 21-30: GPU kernels (atomics in some backward passes,
@@ -131,8 +131,6 @@ def shards_for(tmp: Path, s: dict) -> tuple[Path, Path]:
 
 def open_clip_real(log_dir: Path, csv: Path, s: dict) -> float:
     """open_clip_train on the same JPEGs (CSV dataset): the synthetic-data call with --train-data instead."""
-    import re
-    import subprocess
 
     args = [sys.executable, "-m", "open_clip_train.main", "--model", s["model"], "--force-image-size", str(s["image"]),
             "--train-data", str(csv), "--dataset-type", "csv", "--csv-img-key", "filepath", "--csv-caption-key",
@@ -140,13 +138,7 @@ def open_clip_real(log_dir: Path, csv: Path, s: dict) -> float:
             "--precision", "amp_bf16", "--device", s["device"], "--epochs", "1", "--workers", str(s["workers"]),
             "--log-every-n-steps", "1", "--logs", str(log_dir), "--name", "real", "--save-frequency", "0",
             "--report-to", "", "--warmup", "2", "--lr", "5e-4", "--grad-clip-norm", "1.0"]
-    out = subprocess.run(args, cwd=log_dir, env=_env(s["threads"]), capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"open_clip_train (JPEG files) failed: {out.stderr[-3000:]}")
-    rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,", out.stdout + out.stderr)]
-    if not rates:
-        raise RuntimeError("no throughput lines in open_clip_train's output")
-    return statistics.median(rates[len(rates) // 3:])
+    return run_open_clip_train(args, log_dir, s["threads"], "open_clip_train (JPEG files)")
 
 
 def throughput(tmp: Path, data: Path, csv: Path, s: dict) -> dict:

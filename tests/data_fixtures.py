@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,17 @@ def make_digits_dataset(folder: str | os.PathLike, n_train: int = 256, n_val: in
     (folder / "summary.json").write_text(json.dumps({"source": "sklearn digits", "train": n_train, "val": n_val}))
     write_manifest(folder, Manifest(splits=splits, seed=seed))
     return folder
+
+
+def corrupt_copy(folder: Path, dest: Path) -> Path:
+    """A copy of a dataset folder whose train shard 0 has one undecodable JPEG (400 bytes zeroed from its
+    first JPEG marker) and whose train shard 1 is truncated to a third."""
+    shutil.copytree(folder, dest)
+    shard0 = dest / "train" / "000000.tar"
+    raw = bytearray(shard0.read_bytes())
+    jpeg_at = raw.find(b"\xff\xd8\xff")
+    raw[jpeg_at:jpeg_at + 400] = b"\x00" * 400
+    shard0.write_bytes(bytes(raw))
+    shard1 = dest / "train" / "000001.tar"
+    shard1.write_bytes(shard1.read_bytes()[: shard1.stat().st_size // 3])
+    return dest

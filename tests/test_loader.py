@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from pipeline.manifest import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
-from tests.data_fixtures import make_digits_dataset
+from tests.data_fixtures import corrupt_copy, make_digits_dataset
 from train import data as data_lib
 from train.config import DataConfig
 from train.model import ModelConfig, build_model
@@ -112,19 +112,6 @@ def test_resume_at_any_step_on_other_ranks_and_workers_continues_the_same_order(
             assert torch.equal(a["image"], torch.cat([resumed[r][i]["image"] for r in range(world)]))
 
 
-def _corrupt_copy(digits: Path, dest: Path) -> Path:
-    """A copy whose shard 0 has one undecodable JPEG and whose shard 1 is truncated mid-file."""
-    shutil.copytree(digits, dest)
-    shard0 = dest / "train" / "000000.tar"
-    raw = bytearray(shard0.read_bytes())
-    jpeg_at = raw.find(b"\xff\xd8\xff")
-    raw[jpeg_at:jpeg_at + 400] = b"\x00" * 400
-    shard0.write_bytes(bytes(raw))
-    shard1 = dest / "train" / "000001.tar"
-    shard1.write_bytes(shard1.read_bytes()[: shard1.stat().st_size // 3])
-    return dest
-
-
 def readable_keys(folder: Path, split: str = "train") -> set:
     """Reference: keys whose image and caption read and decode, by plain tarfile + PIL."""
     good = set()
@@ -148,7 +135,7 @@ def readable_keys(folder: Path, split: str = "train") -> set:
 
 
 def test_corrupt_samples_and_a_truncated_shard_are_skipped_counted_and_batches_stay_full(digits, tiny, tmp_path):
-    bad = _corrupt_copy(digits, tmp_path / "bad")
+    bad = corrupt_copy(digits, tmp_path / "bad")
     good = readable_keys(bad)
     assert 96 - 16 < len(good) < 95  # the bad JPEG and most of the truncated shard are unreadable
     clean = batches(digits, tiny, end=6)  # same order: the keys each slot would hold without damage

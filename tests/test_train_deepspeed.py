@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.data_fixtures import make_digits_dataset
+from tests.data_fixtures import corrupt_copy, make_digits_dataset
 from tests.rank_launcher import launch_ranks, wait_ranks
 
 pytestmark = pytest.mark.slow
@@ -235,15 +235,7 @@ def test_finetune_from_export_on_a_corrupt_shard(runs, tmp_path):
     model, _, _ = open_clip.create_model_and_transforms("tiny_vit", pretrained=str(offline))
     assert torch.equal(model.visual.conv1.weight, offline_sd["visual.conv1.weight"])
     # corrupt data: one undecodable JPEG in shard 0, shard 1 truncated to a third
-    bad = tmp_path / "bad"
-    shutil.copytree(runs.data, bad)
-    shard0 = bad / "train" / "000000.tar"
-    raw = bytearray(shard0.read_bytes())
-    at = raw.find(b"\xff\xd8\xff")
-    raw[at:at + 400] = b"\x00" * 400
-    shard0.write_bytes(bytes(raw))
-    shard1 = bad / "train" / "000001.tar"
-    shard1.write_bytes(shard1.read_bytes()[: shard1.stat().st_size // 3])
+    bad = corrupt_copy(runs.data, tmp_path / "bad")
     name = "finetune"
     args = ["--config", str(ROOT / "configs" / "finetune_m2mix.yaml"), f"data.path={bad}",
             f"run.run_dir={runs.root / name}", f"model.pretrained={pretrained / 'export' / 'model.pt'}",
