@@ -190,7 +190,7 @@ class Trainer:
         return (image_features.float(), text_features.float(),
                 scale.float().clamp(max=self.cfg.optim.max_logit_scale))
 
-    def forward_backward_step(self, images: torch.Tensor, texts: torch.Tensor, lam: Optional[float]) -> Optional[dict]:
+    def forward_backward_step(self, images: torch.Tensor, texts: torch.Tensor, lam: Optional[dict]) -> Optional[dict]:
         """Forward, loss over the whole per-rank batch (all negatives), backward; None if the loss is not finite.
 
         With accum_freq = k > 1 (open_clip's --accum-freq): features of all k micro-batches are first
