@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.http_server import LoopbackServer
-from pipeline.manifest import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest, write_sample_index
+from common.shard_folder import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest, write_sample_index
 
 WORKERS, BATCH = 2, 64
 

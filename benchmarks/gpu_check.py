@@ -158,7 +158,7 @@ def throughput(tmp: Path, data: Path, csv: Path, s: dict) -> dict:
 # ------------------------------------------------------------------------------------------ 3. in process
 def in_process(tmp: Path, data: Path, s: dict) -> dict:
     """One engine at the benchmark size: synthetic-data rate, peak memory, MFU, loss costs."""
-    from pipeline.config import load_config
+    from common.config_loader import load_config
     from train.config import TrainConfig
     from train.losses import ContrastiveObjective
     from train.trainer import Trainer

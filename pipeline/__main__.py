@@ -30,8 +30,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before anything can im
 from omegaconf import OmegaConf  # noqa: E402
 
 from pipeline import run as stages  # noqa: E402
-from pipeline.config import ConfigError, load_config, to_yaml  # noqa: E402
-from pipeline.manifest import atomic_write_text  # noqa: E402
+from common.config_loader import ConfigError, load_config, to_yaml  # noqa: E402
+from common.atomic_files import atomic_write_text  # noqa: E402
 from pipeline.read_input import InputError  # noqa: E402
 from pipeline.settings import IngestConfig  # noqa: E402
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.manifest import atomic_write_text
+from common.atomic_files import atomic_path, atomic_write_text
 from pipeline.settings import IngestConfig
 
 
@@ -50,10 +50,8 @@ def content_partition(hashes: List[str | None], partitions: int) -> np.ndarray:
 
 
 def _write(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _scatter(table: pa.Table, buckets: np.ndarray, partitions: int, path_of) -> None:

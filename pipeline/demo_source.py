@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.manifest import atomic_write_text
+from common.atomic_files import atomic_path, atomic_write_text
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSNAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -160,14 +160,13 @@ def build_source(folder: Path, split: str, base_url: str, per_class: Optional[in
     for i in idx:
         name = f"{i:05d}.png"
         if not (out / name).exists():
-            Image.fromarray(images[i], mode="L").save(out / f".{name}.tmp", format="PNG")
-            (out / f".{name}.tmp").replace(out / name)
+            with atomic_path(out / name) as tmp:
+                Image.fromarray(images[i], mode="L").save(tmp, format="PNG")
         urls.append(f"{base_url}/{split}/{name}")
     table = pa.table({"url": urls, "caption": captions, "label": pa.array(labels[idx].astype(np.int64)),
                       "class_name": [CLASSNAMES[c] for c in labels[idx]]})
-    tmp = folder / f".{split}.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(url_list)
+    with atomic_path(url_list) as tmp:
+        pq.write_table(table, tmp)
     atomic_write_text(meta, json.dumps(wanted))
     return url_list
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.dedup import duplicate_keys
 from pipeline.fetch import FetchFront, FrontSettings
-from pipeline.manifest import atomic_write_text
+from common.atomic_files import atomic_write_text
 from pipeline.settings import IngestConfig
 
 # First match wins. img2dataset reports urllib / OpenCV exceptions as their message text.

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from wids.wids_mmtar import MMIndexedTar
 
 from pipeline.download import classify_failure, part_dir
-from pipeline.manifest import atomic_write_text
+from common.atomic_files import atomic_path, atomic_write_text
 from pipeline.settings import IngestConfig, ImageRules
 
 KEPT_COLUMNS = ["row_key", "url", "caption", "sha256", "width", "height", "original_width", "original_height"]
@@ -94,9 +94,8 @@ def filter_part(part: int, cfg: IngestConfig, work: Path) -> Dict:
         table = pa.concat_tables(kept)
     else:
         table = pa.table({c: pa.array([], pa.string()) for c in ["row_key", "url", "caption", "sha256", "tar"]})
-    tmp = out_dir / f".part-{part:05d}.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(out_dir / f"part-{part:05d}.parquet")
+    with atomic_path(out_dir / f"part-{part:05d}.parquet") as tmp:
+        pq.write_table(table, tmp)
     counts = {"part": part, "rows_sent": done["rows_sent"], "kept": table.num_rows,
               "failed": dict(failed), "filtered": dict(filtered)}
     atomic_write_text(marker, json.dumps(counts, indent=1))

@@ -37,7 +37,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.captions import caption_reason, clean_caption, decode_caption
-from pipeline.manifest import atomic_write_text
+from common.atomic_files import atomic_path, atomic_write_text
 from pipeline.settings import IngestConfig
 
 SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -284,6 +284,5 @@ def normalize_part(src: Path, part: int, cfg: IngestConfig, work: Path) -> Dict:
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)

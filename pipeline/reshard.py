@@ -23,7 +23,9 @@ from typing import Dict, List
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.manifest import atomic_write_text, write_sample_index
+from common.shard_folder import write_sample_index
+
+from common.atomic_files import atomic_write_text
 from pipeline.settings import IngestConfig
 
 META_FIELDS = ["url", "caption", "sha256", "width", "height", "original_width", "original_height"]
@@ -74,7 +76,7 @@ def _read_images(rows: List[dict], work: Path) -> Dict[str, bytes]:
 
 
 def write_shard(path: Path, rows: List[dict], images: Dict[str, bytes], ext: str, extra: List[str]) -> str:
-    """Write one tar atomically, with its sample index (pipeline.manifest.write_sample_index) beside it;
+    """Write one tar atomically, with its sample index (common.shard_folder.write_sample_index) beside it;
     returns the tar's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -115,7 +117,7 @@ def reshard_partition(q: int, cfg: IngestConfig, work: Path, out: Path, shard_pl
             chunk = [rows[j] for j in idx[start:start + S]]
             name = f"{split}/{shard_plan['first_shard'][split][q] + i:06d}.tar"
             digest = write_shard(out / name, chunk, _read_images(chunk, work), ext, list(cfg.input.keep_columns))
-            # The shard-format contract (pipeline.manifest): readers take the image extension from here.
+            # The shard-format contract (common.shard_folder): readers take the image extension from here.
             shards.append({"path": name, "num_samples": len(chunk), "sha256": digest, "image_ext": ext,
                            "sample_hash": cfg.download.compute_hash or "", "index": name[:-len(".tar")] + ".idx"})
         if shards:  # a split with no samples (val_fraction=0) gets no entry

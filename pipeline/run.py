@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline.dedup import reduce_content, reduce_input_urls, reduce_url, scatter_input_urls, scatter_part
 from pipeline.download import download_part
 from pipeline.filter import filter_part
-from pipeline.manifest import atomic_write_text
+from common.atomic_files import atomic_write_text
 from pipeline.read_input import InputError, list_input_files, normalize_part
 from pipeline.reshard import plan, reshard_partition
 from pipeline.settings import IngestConfig

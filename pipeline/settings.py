@@ -1,12 +1,12 @@
 """Ingestion config: one dataclass per stage, each field documented. Load with
-``pipeline.config.load_config(IngestConfig, yaml, overrides)``."""
+``common.config_loader.load_config(IngestConfig, yaml, overrides)``."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from pipeline.config import ConfigError
+from common.config_loader import ConfigError
 
 
 @dataclass

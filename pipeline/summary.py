@@ -7,7 +7,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict
 
-from pipeline.manifest import Manifest, ShardInfo, SplitInfo, atomic_write_text, write_manifest
+from common.shard_folder import Manifest, ShardInfo, SplitInfo, write_manifest
+
+from common.atomic_files import atomic_write_text
 from pipeline.settings import IngestConfig
 
 

@@ -2,7 +2,7 @@
 
 The digits are real 8x8 scans (1,797 of them), upscaled with nearest-neighbour so they stay crisp,
 captioned from templates ("a photo of the digit three"). The folder is written exactly as the
-ingestion stage writes its output (WebDataset tars + ``pipeline.manifest.write_manifest``), so the
+ingestion stage writes its output (WebDataset tars + ``common.shard_folder.write_manifest``), so the
 trainer and the evaluator read it through the same code path as real data.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from pipeline.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
+from common.shard_folder import Manifest, ShardInfo, SplitInfo, write_manifest
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a photo of the digit {}.", "a handwritten {}.", "the number {}, written by hand.",

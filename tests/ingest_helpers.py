@@ -101,7 +101,7 @@ def read_all_samples(dataset: Path) -> dict:
     """{split: [sample dict]} read back with webdataset, from the manifest."""
     import webdataset as wds
 
-    from pipeline.manifest import read_manifest
+    from common.shard_folder import read_manifest
 
     manifest = read_manifest(dataset)
     out = {}

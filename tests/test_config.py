@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from common.config_loader import ConfigError, load_config
 from pipeline.settings import IngestConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -109,7 +109,7 @@ def test_shards_hold_exactly_the_survivors(bad_run):
 
 
 def test_manifest_counts_match_shards(bad_run):
-    from pipeline.manifest import read_manifest
+    from common.shard_folder import read_manifest
 
     manifest = read_manifest(bad_run["out"])
     samples = read_all_samples(bad_run["out"])

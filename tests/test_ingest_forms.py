@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.config import ConfigError, load_config
+from common.config_loader import ConfigError, load_config
 from pipeline.fetch import normalize_image, retry_after_seconds
 from pipeline.read_input import InputError, normalize_part, normalize_url
 from pipeline.settings import IngestConfig
@@ -331,7 +331,7 @@ def test_rerun_with_changed_settings_is_refused_but_speed_knobs_may_change(tmp_p
     import argparse
 
     from pipeline.__main__ import resolve_config
-    from pipeline.config import load_config as load
+    from common.config_loader import load_config as load
     from pipeline.read_input import InputError
     from pipeline.settings import IngestConfig
 

@@ -144,7 +144,7 @@ def test_header_tsv_of_the_issue_and_resize_mode_no_on_the_command_line(tmp_path
     assert s["input_rows"] == s["written"] == 4
     captions = sorted(x["txt"].decode() for x in read_all_samples(out)["train"])
     assert captions == sorted(LONE_QUOTES + ["the last row"])
-    from pipeline.config import load_config
+    from common.config_loader import load_config
     from pipeline.settings import IngestConfig
 
     # the saved config, which the stage commands (SLURM array tasks) read back

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.manifest import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
+from common.shard_folder import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
 from tests.data_fixtures import corrupt_copy, make_digits_dataset
 from train import data as data_lib
 from train.config import DataConfig
@@ -210,7 +210,7 @@ def test_partition_rule_errors_are_clear(digits, tiny):
 
 def with_sample_indexes(src: Path, dest: Path) -> Path:
     """A copy of ``src`` whose manifest lists a sample index per shard, as the ingestion writes it."""
-    from pipeline.manifest import write_sample_index
+    from common.shard_folder import write_sample_index
 
     shutil.copytree(src, dest)
     manifest = read_manifest(dest)
@@ -234,7 +234,7 @@ def test_each_rank_reads_its_share_of_the_bytes_once(digits, tiny, tmp_path):
 
 
 def test_reshard_writes_the_format_contract(tmp_path):
-    from pipeline.manifest import index_tar, load_sample_index
+    from common.shard_folder import index_tar, load_sample_index
     from pipeline.reshard import index_path, write_shard
 
     images, rows = {}, []

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.http_server import LoopbackServer
-from pipeline.manifest import read_manifest
+from common.shard_folder import read_manifest
 from tests.ingest_helpers import BadWebHandler, run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.http_server import LoopbackServer
-from pipeline.manifest import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
+from common.shard_folder import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
 from tests.data_fixtures import make_digits_dataset
 from tests.s3_server import SeaweedS3, weed_binary
 from train import data as data_lib

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config
+from common.config_loader import ConfigError, load_config
 from train.config import TrainConfig
 from train.distributed import discover_launcher_env, slurm_master_port
 from train.model import ModelConfig, build_model

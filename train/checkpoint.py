@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.manifest import atomic_write_text
+from common.atomic_files import atomic_write_text
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"

@@ -1,6 +1,6 @@
 """The trainer's configuration schema: one dataclass per concern, a docstring per field.
 
-Loaded with ``pipeline.config.load_config(TrainConfig, yaml, ["key=value", ...])``; pretraining and
+Loaded with ``common.config_loader.load_config(TrainConfig, yaml, ["key=value", ...])``; pretraining and
 fine-tuning differ only in these values (the loss composition included), never in code paths.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from pipeline.config import ConfigError
+from common.config_loader import ConfigError
 from train.losses import LossConfig
 from train.model import ModelConfig
 

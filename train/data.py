@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.manifest import Manifest, load_sample_index, read_manifest
+from common.shard_folder import Manifest, load_sample_index, read_manifest
 from train.shard_order import ShardOrder, Slot, auto_partitions
 from train.shard_source import CountingFile, ShardCache, ShardUnavailable, is_remote, join, read_members
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from pipeline.config import load_config
+from common.config_loader import load_config
+from common.jobs import resume_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIGS = ROOT / "configs" / "demo"
@@ -80,8 +81,9 @@ class Run:
         return out / "runs" / self.name
 
     def argv(self, out: Path) -> List[str]:
-        return ["--config", self.config, *self.overrides, f"run.run_dir={self.run_dir(out)}", "run.resume=latest",
-                "logging.tensorboard=false"]
+        # A rerun of the demo continues each stage's own run.
+        return ["--config", self.config, *resume_overrides(
+            [*self.overrides, f"run.run_dir={self.run_dir(out)}", "logging.tensorboard=false"], restarted=True)]
 
 
 def log_stage(msg: str, t0: float) -> None:

@@ -21,7 +21,9 @@ from typing import Dict, List, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from pipeline.manifest import atomic_write_text, read_manifest
+from common.shard_folder import read_manifest
+
+from common.atomic_files import atomic_write_text
 from train.evaluate.core import headline
 from train.evaluate.report import markdown_table, metric_bars
 
@@ -38,7 +40,7 @@ METRICS = [
     ("embedding.C_cross", "C_cross", None),
 ]
 LABELS = {m: (label, better) for m, label, better in METRICS}
-# The seeds' claims (METHODS.md §5) as (arm, baseline arm, metric).
+# The seeds' claims (docs/METHODS.md §5) as (arm, baseline arm, metric).
 PRETRAIN_CLAIMS = [("CyCLIP", "CLIP", "zero_shot.top1"), ("CyCLIP", "CLIP", "zero_shot.consistency"),
                    ("CyCLIP", "CLIP", "robustness.shifted_top1")]
 FINETUNE_CLAIM_METRICS = ["zero_shot.ece", "robustness.shifted_top1", "robustness.relative",

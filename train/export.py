@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from common.atomic_files import atomic_path
 from train.model import export_state_dict, register_model_configs, write_model_config
 
 MODEL_FILE = "model.pt"
@@ -24,9 +25,8 @@ MODEL_FILE = "model.pt"
 def _write(state_dict: dict, out_dir: Path, model_name: str, config_file, max_logit_scale: float, info: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     register_model_configs(config_file)
-    tmp = out_dir / f".{MODEL_FILE}.tmp{os.getpid()}"
-    torch.save(export_state_dict(state_dict, max_logit_scale), tmp)
-    os.replace(tmp, out_dir / MODEL_FILE)
+    with atomic_path(out_dir / MODEL_FILE) as tmp:
+        torch.save(export_state_dict(state_dict, max_logit_scale), tmp)
     write_model_config(out_dir / "model_config.json", model_name)
     (out_dir / "info.json").write_text(json.dumps({"model_name": model_name, **info}, indent=2))
     return out_dir / MODEL_FILE

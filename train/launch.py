@@ -152,7 +152,7 @@ def _base_run_dir(config: str | Path, overrides: Sequence[str]) -> str:
     for item in reversed(overrides):
         if item.startswith("run.run_dir="):
             return item.split("=", 1)[1]
-    from pipeline.config import load_config
+    from common.config_loader import load_config
     from train.config import TrainConfig
 
     return load_config(TrainConfig, config, list(overrides)).run.run_dir

@@ -2,7 +2,7 @@
 
 Every function takes this rank's L2-normalised features (b rows) and works unchanged in one process
 and under torch.distributed, where it gathers what it needs through train/distributed.py.
-The math is in ../shared/METHODS.md (CLIP §1, CyCLIP §2, m²-Mix §3).
+The math is in docs/METHODS.md (CLIP §1, CyCLIP §2, m²-Mix §3).
 
 Distributed convention (the one DDP and DeepSpeed assume, since both average gradients):
 - the per-rank loss values average to the global-batch loss. Row-wise losses weight this rank's

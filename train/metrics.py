@@ -1,4 +1,4 @@
-"""Evaluation metrics on embeddings and logits (METHODS.md §4). Pure functions: tensors in, numbers out.
+"""Evaluation metrics on embeddings and logits (docs/METHODS.md §4). Pure functions: tensors in, numbers out.
 
 Conventions: image features ``I`` (n×d) and text features ``T`` (m×d) are L2-normalised rows; row i of
 ``I`` and row i of ``T`` are a positive pair where a function needs pairs. Everything runs under
@@ -97,7 +97,7 @@ def consistency(cross_modal_pred: torch.Tensor, in_modal_pred: torch.Tensor) -> 
 def cyclip_regularizers(image_features: torch.Tensor, text_features: torch.Tensor) -> Dict[str, float]:
     """C_in = ‖IIᵀ − TTᵀ‖²_F / N and C_cross = ‖M − Mᵀ‖²_F / N (M = ITᵀ), via d×d Gram matrices.
 
-    The Gram form (METHODS.md §2) needs O(d²) memory instead of N×N; float64 because the terms are
+    The Gram form (docs/METHODS.md §2) needs O(d²) memory instead of N×N; float64 because the terms are
     differences of large sums.
     """
     I, T = image_features.double(), text_features.double()

@@ -10,7 +10,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from pipeline.manifest import read_manifest
+from common.shard_folder import read_manifest
 
 from . import metrics
 from .evaluate.config import DEFAULT_TEMPLATES

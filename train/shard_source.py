@@ -8,7 +8,7 @@ them download while the others wait. A failing source is retried with exponentia
 shard is reported unavailable (the loader skips and counts its samples).
 
 Each shard has a compact index of its samples (numpy: start and end byte of each sample's members;
-the ingestion writes it beside the tar, see ``pipeline.manifest.write_sample_index``; for shards
+the ingestion writes it beside the tar, see ``common.shard_folder.write_sample_index``; for shards
 without one it is scanned once per node and shared through the cache dir), so a sample is one
 ``pread`` of exactly its bytes: reading a shard in any order costs the same bytes as streaming it.
 """
@@ -29,7 +29,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from pipeline.manifest import KEY_EXT, index_tar, save_sample_index
+from common.shard_folder import KEY_EXT, index_tar, save_sample_index
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from pipeline.config import load_config
+from common.config_loader import load_config
 from pipeline.demo_source import TEMPLATES, CLASSNAMES
 from train import study_lib as lib
 from train.losses import LossConfig

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from pipeline.config import load_config, to_dict, to_yaml
+from common.config_loader import load_config, to_dict, to_yaml
 from train import data as data_lib
 from train.checkpoint import CheckpointManager, code_version, set_rng_state, to_universal
 from train.config import TrainConfig

@@ -1,5 +1,5 @@
 """Evaluation of CLIP-style models: zero-shot, retrieval, CyCLIP consistency, embedding geometry,
-calibration and distribution shift (METHODS.md §4). CLI: ``python -m train.evaluate``."""
+calibration and distribution shift (docs/METHODS.md §4). CLI: ``python -m train.evaluate``."""
 from .config import EvalConfig
 from .core import evaluate, headline
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, load_config
+from common.config_loader import ConfigError, load_config
 
 from .compare import compare
 from .config import EvalConfig

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from pipeline.manifest import atomic_write_text
+from common.atomic_files import atomic_write_text
 
 from .. import metrics
 from .core import headline

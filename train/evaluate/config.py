@@ -1,4 +1,4 @@
-"""Schema of `python -m train.evaluate` (loaded with pipeline.config.load_config)."""
+"""Schema of `python -m train.evaluate` (loaded with common.config_loader.load_config)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -6,7 +6,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from pipeline.manifest import read_manifest
+from common.shard_folder import read_manifest
 
 from .. import metrics
 from .config import EvalConfig
@@ -116,7 +116,7 @@ def retrieval_groups(captions: Sequence[str], labels: Optional[Sequence[int]], r
 
 def evaluate(model, eval_transform: Callable, tokenizer: Callable, cfg: EvalConfig,
              progress: Callable[[str], None] = lambda msg: None) -> Dict[str, object]:
-    """All metrics of METHODS.md §4 on ``cfg.dataset``/``cfg.split``, clean and under corruptions."""
+    """All metrics of docs/METHODS.md §4 on ``cfg.dataset``/``cfg.split``, clean and under corruptions."""
     t0 = time.perf_counter()
     model.eval()
     scale = cfg.logit_scale or logit_scale_of(model)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.manifest import read_manifest
+from common.shard_folder import read_manifest
 from train.shard_source import KEY_EXT, is_remote, open_remote
 
 from ..corruptions import corrupt

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from pipeline.manifest import atomic_write_text  # noqa: E402
+from common.atomic_files import atomic_write_text  # noqa: E402
 
 LOSS_TERMS = ("loss", "clip", "cyclip_in", "cyclip_cross", "m2mix")
 

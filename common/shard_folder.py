@@ -4,7 +4,7 @@ A finished dataset folder looks like::
 
     OUT/
       manifest.json          # this module's Manifest, written last (its presence means "complete")
-      summary.json           # row accounting of the run that built it (see pipeline.summary)
+      summary.json           # row accounting of the run that built it (see pipeline/summary.py)
       classnames.txt         # optional: one class name per line (classification sets)
       train/000000.tar ...   # WebDataset shards: {key}.{jpg|png|webp}, {key}.txt (caption), {key}.json (metadata)
       train/000000.idx ...   # each shard's sample index (.npy: start/end byte per sample; see write_sample_index)
@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+
+from common.atomic_files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -171,19 +173,6 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
     return atomic_write_text(folder / MANIFEST_NAME, json.dumps(data, indent=1))
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary name, fsync, rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 # ---------------------------------------------------------------- per-shard sample index
 KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split of a member name
 
@@ -224,13 +213,10 @@ def write_sample_index(tar_path: str | os.PathLike, index_path: str | os.PathLik
 
 
 def save_sample_index(rows: "np.ndarray", index_path: str | os.PathLike) -> Path:
-    """Write an (n_samples, 2) int64 index as .npy under a temporary name, then rename (atomic)."""
-    index_path = Path(index_path)
-    tmp = index_path.with_name(f".{index_path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as out:
+    """Write an (n_samples, 2) int64 index as .npy, atomically."""
+    with atomic_path(index_path) as tmp, open(tmp, "wb") as out:
         np.save(out, rows)
-    os.replace(tmp, index_path)
-    return index_path
+    return Path(index_path)
 
 
 def load_sample_index(data: bytes) -> "np.ndarray":
