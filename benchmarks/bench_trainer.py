@@ -107,6 +107,14 @@ def run(quick: bool) -> str:
         others = {label: ours(data, tmp / f"ours_v{i}", model, image_size, batch, steps, world=1, threads=2, **kw)
                   for i, (label, kw) in enumerate(variants.items())}
         elapsed = time.perf_counter() - t0
+    return "\n".join(lines + _table(model, image_size, batch, steps, reference, zero1, others, elapsed,
+                                    load_before)) + "\n"
+
+
+def _table(model: str, image_size: int, batch: int, steps: int, reference: list, zero1: list, others: dict,
+           elapsed: float, load_before: float) -> list:
+    pairs = len(reference)
+    lines = []
     ratios = [z / r for z, r in zip(zero1, reference)]
     ref_median = statistics.median(reference)
     fmt = lambda values: ", ".join(f"{v:.1f}" for v in values)
@@ -137,4 +145,4 @@ def run(quick: bool) -> str:
               "mode (CPU with AMX here). Total bench "
               f"time {elapsed:.0f} s; 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
               "(above 2 = other processes shared the 2 cores, so absolute numbers are low and the ratio is noisy)."]
-    return "\n".join(lines) + "\n"
+    return lines

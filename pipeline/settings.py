@@ -135,11 +135,17 @@ class ReshardConfig:
 @dataclass
 class IngestConfig:
     input: InputConfig = field(default_factory=InputConfig)
+    """Reading the URL lists: formats, column names, splits."""
     captions: CaptionRules = field(default_factory=CaptionRules)
+    """Caption decoding, cleaning and rejection rules."""
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    """img2dataset settings and the fetch front."""
     images: ImageRules = field(default_factory=ImageRules)
+    """Image filters applied after download (size, aspect ratio)."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Duplicate removal by URL and by image content hash."""
     reshard: ReshardConfig = field(default_factory=ReshardConfig)
+    """Final shard size and the split names."""
     work_dir: Optional[str] = None
     """Intermediate stage folders; default OUT/_work. Delete after a successful run if space is short."""
     workers: int = 2

@@ -56,19 +56,27 @@ class StudyConfig:
     reference_size: int = 10000
     """Pretraining images whose embeddings the k-NN consistency votes over."""
     pretrain_steps: int = 300
+    """Optimizer steps per pretraining run."""
     pretrain_batch: int = 256
+    """Global batch of pretraining (one process)."""
     pretrain_warmup: int = 30
+    """Linear warmup steps before the cosine schedule."""
     pretrain_weight_decay: float = 0.2
+    """AdamW weight decay (CLIP's 0.2)."""
     pretrain_lrs: List[float] = field(default_factory=lambda: [1e-3, 3e-3])
     """Learning rates tried on val for each pretraining arm."""
     cyclip_lambdas: List[float] = field(default_factory=lambda: [0.05, 0.25])
     """λ₁ = λ₂ tried on val for CyCLIP, stated at ``cyclip_reference_batch`` (the paper: 0.25 at 512)."""
     cyclip_reference_batch: int = 512
+    """N_ref of ``loss.cyclip_reference_batch``: the batch at which the λ values above are stated."""
     finetune_steps: int = 300
+    """Optimizer steps per fine-tuning run."""
     finetune_batch: int = 128
     """The m²-Mix reference's batch size."""
     finetune_warmup: int = 30
+    """Linear warmup steps of fine-tuning."""
     finetune_weight_decay: float = 0.2
+    """AdamW weight decay of fine-tuning."""
     finetune_lrs: List[float] = field(default_factory=lambda: [1e-4, 3e-4])
     """Learning rates tried on val for each fine-tuning arm."""
     m2mix_weights: List[float] = field(default_factory=lambda: [0.02, 0.1])
@@ -78,6 +86,7 @@ class StudyConfig:
     m2mix_logit_scale: float = 1 / 0.07
     """The reference's separate mix scale (--sep_scale, τ₂ = 0.07)."""
     m2mix_alpha: float = 0.5
+    """α of λ ~ Beta(α, α) for m²-Mix (the reference's 0.5)."""
     grad_share_sizes: List[int] = field(default_factory=lambda: [64, 512, 4096, 32768])
     """Global batches at which the regularisers' gradient share is measured on real features."""
 

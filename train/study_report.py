@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy.stats import t as student_t  # noqa: E402
 
+from common.atomic_files import atomic_write_text  # noqa: E402
 from train.evaluate.report import markdown_table  # noqa: E402
 
 ARMS = {"clip": "CLIP", "cyclip": "CyCLIP", "plain": "plain FT", "m2mix": "m²-Mix FT"}
@@ -183,24 +184,8 @@ def summary_sentence(verdicts) -> str:
             "reversed (CI below 0).")
 
 
-def write_report(record: Dict, out: Path) -> Path:
-    plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    evals, cfg = record["evals"], record["config"]
-    names = {"corr": corruption_plot(evals, plots / "accuracy_per_corruption.png"),
-             "rel": reliability_plot(evals, plots / "reliability_seed0.png"),
-             "sweep": sweep_plot(record, plots / "sweeps.png"), "curves": curves_plot(record, plots / "training_seed0.png")}
-    table, verdicts = claims(evals)
-    cap = record["captions"]
-    share_rows = [[r["features"], r["n"], f"{r['scale']:.1f}", f"{r['plain']:.3g}", f"{r['reference']:.3g}"]
-                  for r in record["grad_share"]]
-    t = record["timings_s"]
-    lines = [
-        "# Study: do the papers' claimed effects show? (`make study`)", "",
-        "CLIP vs CyCLIP pretraining (Goel et al., 2022) and plain vs m²-Mix fine-tuning (Oh et al., 2023) of the tiny "
-        "open_clip ViT (`configs/model/tiny_vit.json`, 32 px) on Fashion-MNIST with per-image captions. Written by "
-        "`python -m train.study` (train/study.py); every number below comes from `results.json` next to this file.", "",
-        "## Design", "",
+def _design_section(cfg: Dict) -> List[str]:
+    return [
         f"- Data: {cfg['pretrain_size']} pretraining pairs, {cfg['val_size']} val images (tuning, temperature fitting), "
         f"{cfg['finetune_size']} held-out fine-tuning pairs, the {cfg['test_size']} Fashion-MNIST test images clean and in "
         "12 corrupted copies (Gaussian noise, blur, contrast, rotation × severity 1–3).",
@@ -221,14 +206,14 @@ def write_report(record: Dict, out: Path) -> Path:
         f"over {cfg['reference_size']} *training* image embeddings, mean over k ∈ {{1, 3, 5, 10, 30}}; ECE (15 bins) and "
         "NLL before and after temperature scaling fitted on val; retrieval over the test captions (identical strings "
         "merged; `label`: any caption of the same class counts); alignment and uniformity (Wang & Isola).", "",
-        "## Verdicts per claimed effect", "", summary_sentence(verdicts), "", table, "",
-        "Rule: paired differences over seeds, 95% t-interval (train/study_report.py docstring). An effect that is "
-        "not resolved is not shown to be absent: it is smaller than this design (tiny model, ~minutes of CPU "
-        "training per arm, n seeds) can separate from seed noise.", "",
-        "## Results on the test split (mean ± sd over seeds)", "", results_table(evals, list(ARMS)), "",
-        f"![accuracy per corruption](plots/{names['corr']})", "", f"![reliability](plots/{names['rel']})", "",
-        "## Tuning on val (seed 0)", "", *sweep_tables(record), "", f"![sweeps](plots/{names['sweep']})", "",
-        f"![training](plots/{names['curves']})", "",
+    ]
+
+
+def _captions_and_share_sections(record: Dict) -> List[str]:
+    cap = record["captions"]
+    share_rows = [[r["features"], r["n"], f"{r['scale']:.1f}", f"{r['plain']:.3g}", f"{r['reference']:.3g}"]
+                  for r in record["grad_share"]]
+    return [
         "## Captions", "",
         markdown_table(["captions", "distinct strings", "distinct per class", "class-only share", "within-class text cosine"],
                        [[k.replace("_", " "), v["distinct"], f"{v['distinct_per_class']:.0f}", f"{v['class_only_share']:.2f}",
@@ -240,12 +225,36 @@ def write_report(record: Dict, out: Path) -> Path:
         "‖∇ 0.25·(C_in + C_cross)‖ / ‖∇ CLIP‖ w.r.t. the features of N pretraining pairs (benchmarks/bench_loss_balance.py "
         "has the synthetic d = 512 table):", "",
         markdown_table(["features", "N", "logit scale", "share, λ as given", "share, λ·512/N"], share_rows), "",
+    ]
+
+
+def write_report(record: Dict, out: Path) -> Path:
+    """study/REPORT.md (and its plots under ``out/plots``) from the study's results record."""
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    evals, cfg = record["evals"], record["config"]
+    names = {"corr": corruption_plot(evals, plots / "accuracy_per_corruption.png"),
+             "rel": reliability_plot(evals, plots / "reliability_seed0.png"),
+             "sweep": sweep_plot(record, plots / "sweeps.png"), "curves": curves_plot(record, plots / "training_seed0.png")}
+    table, verdicts = claims(evals)
+    t = record["timings_s"]
+    lines = [
+        "# Study: do the papers' claimed effects show? (`make study`)", "",
+        "CLIP vs CyCLIP pretraining (Goel et al., 2022) and plain vs m²-Mix fine-tuning (Oh et al., 2023) of the tiny "
+        "open_clip ViT (`configs/model/tiny_vit.json`, 32 px) on Fashion-MNIST with per-image captions. Written by "
+        "`python -m train.study` (train/study.py); every number below comes from `results.json` next to this file.", "",
+        "## Design", "", *_design_section(cfg),
+        "## Verdicts per claimed effect", "", summary_sentence(verdicts), "", table, "",
+        "Rule: paired differences over seeds, 95% t-interval (train/study_report.py docstring). An effect that is "
+        "not resolved is not shown to be absent: it is smaller than this design (tiny model, ~minutes of CPU "
+        "training per arm, n seeds) can separate from seed noise.", "",
+        "## Results on the test split (mean ± sd over seeds)", "", results_table(evals, list(ARMS)), "",
+        f"![accuracy per corruption](plots/{names['corr']})", "", f"![reliability](plots/{names['rel']})", "",
+        "## Tuning on val (seed 0)", "", *sweep_tables(record), "", f"![sweeps](plots/{names['sweep']})", "",
+        f"![training](plots/{names['curves']})", "",
+        *_captions_and_share_sections(record),
         "## Time", "",
         f"{t['total'] / 60:.1f} min in total on this machine ({os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f} when written): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in t.items() if k != "total")
         + " (stages reused from an interrupted run count only their remaining part).", ""]
-    path = out / "REPORT.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(out / "REPORT.md", "\n".join(lines))
