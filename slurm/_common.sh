@@ -1,15 +1,17 @@
-# Shared body of slurm/pretrain.sh and slurm/finetune.sh (sourced, not run).
+# Shared body of slurm/pretrain.sh and slurm/finetune.sh, sourced by them inside the job.
 #
-# One srun task per GPU runs `python -m train --config CONFIG key=value ...`; the trainer finds its
-# rank from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the rendezvous from MASTER_ADDR/MASTER_PORT,
-# computed here once for all tasks. Config values never pass through a shell string: the config
-# path and the overrides travel as separate, quoted arguments ("$@").
+# One srun task per GPU runs `$PYTHON -m train --config CONFIG key=value ...`. The trainer takes its
+# rank and rendezvous from submitit's TorchDistributedEnvironment (train/distributed.py): ranks from
+# SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, MASTER_ADDR = first host of the allocation, MASTER_PORT
+# seeded by the job id, so every task and the requeued job agree; each rank logs it in rank-N.log.
+# Config values never pass through a shell string: the config path and the overrides travel as
+# separate, quoted arguments ("$@").
 #
 # Preemption / time limit: `#SBATCH --signal=USR1@N` (no "B:") signals every task N seconds before
-# the limit; the trainer checkpoints at the next step boundary and exits with EXIT_REQUEUE (3);
-# then this script requeues the job, which restarts with run.resume=latest.
-
-EXIT_REQUEUE=3  # train.trainer.EXIT_REQUEUE
+# the limit; the trainer checkpoints at the next step boundary and exits with common.jobs.EXIT_REQUEUE;
+# then this script requeues the job, which restarts with run.resume=latest (common.jobs' resume rule).
+set -uo pipefail
+PYTHON=${PYTHON:-python}
 
 # run_training DEFAULT_CONFIG [CONFIG] [key=value ...]
 run_training() {
@@ -17,33 +19,28 @@ run_training() {
   local config=$default_config
   # The first argument is the config file unless it is an override.
   if [ $# -gt 0 ] && [[ $1 != *=* ]]; then config=$1; shift; fi
-  if [ -z "${SLURM_JOB_ID:-}" ]; then
-    echo "not inside a SLURM job: submit with sbatch $0 [CONFIG] [key=value ...]" >&2; return 64
-  fi
 
   local log_dir=${LOG_ROOT:-$SLURM_SUBMIT_DIR/logs}/${SLURM_JOB_NAME:-train}-${SLURM_JOB_ID}
   mkdir -p "$log_dir"
   echo "logs: $log_dir (restart ${SLURM_RESTART_COUNT:-0})"
   exec >>"$log_dir/batch.log" 2>&1
 
-  # Rendezvous: rank 0 runs on the first node of the allocation; the port is derived from the job id
-  # (same formula as train.distributed.slurm_master_port) so that jobs sharing a node do not collide
-  # and a requeued job finds the same address.
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-  MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-  export MASTER_ADDR MASTER_PORT
-
-  # First start: the user's overrides win (they may name a checkpoint to start from). After a
-  # requeue the job must continue its own run, so resume=latest comes last.
-  local args
-  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
-    args=("$@" run.resume=latest)
-  else
-    args=(run.resume=latest "$@")
+  # The requeue exit code, the resume rule and the stale launcher variables are defined once, in
+  # common/jobs.py. NUL-separated arguments: an override may hold spaces, quotes or newlines.
+  local exit_requeue="" stale="" args=()
+  exit_requeue=$("$PYTHON" -m common.jobs exit-requeue) && stale=$("$PYTHON" -m common.jobs launcher-vars) \
+    && mapfile -d '' args < <("$PYTHON" -m common.jobs train-args "${SLURM_RESTART_COUNT:-0}" "$@")
+  if [ -z "$exit_requeue" ] || [ "${#args[@]}" -eq 0 ]; then
+    echo "$PYTHON -m common.jobs failed: set PYTHON to the project's python (e.g. .venv/bin/python)"; return 70
   fi
+  # Ranks and rendezvous come from this job (submitit's SLURM job environment), never from the shell
+  # that ran sbatch (it passes its environment on).
+  # shellcheck disable=SC2086
+  unset $stale
+  export SUBMITIT_EXECUTOR=slurm
 
   echo "$(date -Is) start job=$SLURM_JOB_ID restart=${SLURM_RESTART_COUNT:-0} nodes=$SLURM_JOB_NODELIST" \
-       "tasks=${SLURM_NTASKS:-?} master=$MASTER_ADDR:$MASTER_PORT config=$config"
+       "tasks=${SLURM_NTASKS:-?} config=$config"
   printf '  arg: %q\n' "${args[@]}"
 
   # --kill-on-bad-exit=0: ranks leave at slightly different moments after a collective save, and an
@@ -52,10 +49,10 @@ run_training() {
   local rc=0
   srun --kill-on-bad-exit=0 --wait="${SRUN_WAIT_S:-600}" --open-mode=append \
        --output="$log_dir/rank-%t.log" \
-       "${PYTHON:-python}" -m train --config "$config" "${args[@]}" || rc=$?
+       "$PYTHON" -m train --config "$config" "${args[@]}" || rc=$?
   echo "$(date -Is) srun exit code $rc"
 
-  if [ "$rc" -eq "$EXIT_REQUEUE" ]; then
+  if [ "$rc" -eq "$exit_requeue" ]; then
     echo "$(date -Is) checkpointed on signal: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && return 0
     echo "scontrol requeue failed (job submitted with --no-requeue?)"

@@ -13,12 +13,7 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
-set -uo pipefail
-if [ -n "${SLURM_JOB_ID:-}" ]; then
-  # sbatch runs a spooled copy of this file; the job record still names the original path.
-  here=$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n1)")
-else
-  here=$(dirname "${BASH_SOURCE[0]}")
-fi
-source "$here/_common.sh"
+# sbatch runs a spooled copy of this file; the job record names the original, next to _common.sh.
+: "${SLURM_JOB_ID:?not inside a SLURM job: submit with sbatch $0 [CONFIG] [key=value ...]}"
+source "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")/_common.sh" || exit 70
 run_training configs/finetune_m2mix.yaml "$@"

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from common.jobs import EXIT_REQUEUE
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SH = ROOT / "slurm" / "cluster.sh"
 STATE_DIR = Path(os.environ.get("CLIP_SLURM_DIR", "/tmp/clip-slurm"))
-EXIT_REQUEUE = 3
 
 
 # --- the cluster ------------------------------------------------------------------------------
@@ -89,6 +90,21 @@ def wait_for(predicate, timeout: float = 60, what: str = "condition"):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def slurm_rendezvous(job_id: str, nodelist: str) -> str:
+    """MASTER_ADDR:MASTER_PORT as submitit's TorchDistributedEnvironment derives them for a SLURM job (the
+    reference the launchers are checked against)."""
+    from unittest import mock
+
+    from submitit.helpers import TorchDistributedEnvironment
+
+    job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": nodelist}
+    with mock.patch.dict(os.environ, job):
+        for key in ("MASTER_ADDR", "MASTER_PORT", "SLURM_ARRAY_JOB_ID"):
+            os.environ.pop(key, None)
+        ref = TorchDistributedEnvironment()
+        return f"{ref.master_addr}:{ref.master_port}"
+
+
 # --- the toy trainer --------------------------------------------------------------------------
 
 def _parse(argv: list[str]) -> tuple[str, dict[str, str]]:
@@ -143,7 +159,7 @@ def toy_main(argv: list[str]) -> dict:
             time.sleep(step_s)
             step += 1
             log.write(json.dumps({"rank": rank, "step": step, "start": start, "pid": os.getpid(),
-                                  "config": config, "seed": kv.get("seed"), "argv": argv}) + "\n")
+                                  "master": summary["master"], "config": config, "seed": kv.get("seed"), "argv": argv}) + "\n")
             log.flush()
         dist.barrier()
         return {**summary, "step": step, "exit_code": 0}
@@ -153,14 +169,16 @@ def toy_main(argv: list[str]) -> dict:
 
 
 def write_fake_python(folder: Path) -> Path:
-    """An executable that slurm/*.sh can run as $PYTHON: `-m train ARGS` becomes toy_main(ARGS)."""
+    """An executable that slurm/*.sh can run as $PYTHON: `-m train ARGS` becomes toy_main(ARGS); any other
+    command (`-m common.jobs ...`) runs in the real python."""
     path = folder / "toy-python"
     path.write_text(
         f"#!{sys.executable}\n"
-        "import sys\n"
+        "import os, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "if sys.argv[1:3] != ['-m', 'train']:\n"
+        f"    os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n"
         "from tests.slurm_cluster import toy_main\n"
-        "assert sys.argv[1:3] == ['-m', 'train'], sys.argv\n"
         "sys.exit(toy_main(sys.argv[3:])['exit_code'])\n")
     path.chmod(0o755)
     return path

@@ -5,6 +5,7 @@ scancel, equality with torchrun) is tested in tests/test_slurm.py."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,8 +13,11 @@ import sys
 import time
 
 import pytest
+import yaml
 
-from tests.slurm_cluster import ROOT, job_info, read_steps, slurm_cluster, wait_for  # noqa: F401 (fixture)
+from common.jobs import RESUME_LATEST
+from tests.slurm_cluster import (ROOT, job_info, read_steps, slurm_cluster, slurm_rendezvous,  # noqa: F401
+                                 wait_for)
 from train.launch import TrainingJob, grid_points, point_name, submit, sweep
 
 TOY = "tests.slurm_cluster:toy_main"
@@ -54,10 +58,15 @@ def test_grid_points_are_the_product_in_order():
 
 def test_checkpoint_resubmits_the_same_call_resuming_from_latest():
     job = TrainingJob(TOY)
-    again = job.checkpoint("c.yaml", ["a=1", "run.resume=latest", "run.resume=/some/ckpt"])
-    assert again.function is job
-    # resume=latest last, so that it wins over a checkpoint the user named for the first start.
-    assert again.args == ("c.yaml", ["a=1", "run.resume=/some/ckpt", "run.resume=latest"])
+    overrides = ["a=1", "run.resume=/some/ckpt"]
+    # First start: a checkpoint the user named wins (it comes after resume=latest)...
+    assert job.argv("c.yaml", overrides) == ["--config", "c.yaml", RESUME_LATEST, *overrides]
+    again = job.checkpoint("c.yaml", overrides)
+    assert again.function.entry == TOY and again.args == ("c.yaml", overrides)
+    # ...the requeued job continues its own run: resume=latest last, also after a second requeue.
+    assert again.function.argv(*again.args) == ["--config", "c.yaml", *overrides, RESUME_LATEST]
+    twice = again.function.checkpoint(*again.args)
+    assert twice.function.argv(*twice.args) == ["--config", "c.yaml", *overrides, RESUME_LATEST]
 
 
 def test_local_cluster_has_one_node():
@@ -79,8 +88,9 @@ def test_local_two_ranks_return_results_and_survive_preemption(tmp_path):
     out = results(job)
     assert [r["rank"] for r in out] == [0, 1] and all(r["world_size"] == 2 for r in out)
     assert out[0]["step"] == total and out[0]["start"] > 0
-    assert out[0]["argv"][-1] == "run.resume=latest"
-    check_steps(run_dir, total, min_starts=2)
+    assert out[0]["argv"][-1] == RESUME_LATEST
+    steps = check_steps(run_dir, total, min_starts=2)
+    assert len({s["master"] for s in steps}) == 1  # both ranks, before and after the restart
 
 
 # --- SLURM ------------------------------------------------------------------------------------
@@ -100,7 +110,9 @@ def test_slurm_two_nodes_results_and_requeue_on_signal(slurm_cluster, tmp_path):
     subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True)
     out = results(job)
     assert [r["rank"] for r in out] == [0, 1]
-    assert out[0]["master"] == f"n1:{20000 + int(job.job_id) % 20000}"
+    # Both ranks, before and after the requeue, used the rendezvous submitit derives for this job.
+    nodes = job_info(job.job_id)["NodeList"]
+    assert {s["master"] for s in read_steps(run_dir)} == {slurm_rendezvous(job.job_id, nodes)}
     assert out[0]["start"] > 0 and out[0]["step"] == total
     assert job_info(job.job_id)["Restarts"] == "1"
     check_steps(run_dir, total, min_starts=2)
@@ -146,13 +158,20 @@ def test_sweep_of_the_trainer_over_cyclip_lambda_completes_both_points(slurm_clu
                   "logging.tensorboard=false", "checkpoint.export=false"],
                  nodes=1, tasks_per_node=1, cpus_per_task=1, time=10, folder=tmp_path / "submitit")
     assert len({job.job_id.split("_")[0] for job in jobs}) == 1  # one job array
-    losses = []
+    runs = []
     for job, lam in zip(jobs, ("0.0", "0.25")):
         (out,) = results(job, timeout=300)
         assert (out["exit_code"], out["step"]) == (0, 3)
         run_dir = tmp_path / "sweep" / f"cyclip_in_modal-{lam}"
         assert out["run_dir"] == str(run_dir)
-        losses.append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
-    # lambda = 0: the loss is the CLIP term alone; lambda = 0.25 adds the in-modal regulariser.
-    assert all(m["loss"] == m["clip"] for m in losses[0])
-    assert all(m["loss"] != m["clip"] for m in losses[1])
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())  # what the trainer ran with
+        assert config["loss"]["cyclip_in_modal"] == float(lam)
+        runs.append((config, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]))
+    # lambda = 0 computes no regulariser; lambda = 0.25 adds lambda x (N_ref / N) x the logged in-modal
+    # term to the CLIP term (CyCLIP's weight rescaled from its reference batch, docs/METHODS.md).
+    assert all("cyclip_in" not in m for m in runs[0][1])
+    config, metrics = runs[1]
+    weight = 0.25 * config["loss"]["cyclip_reference_batch"] / config["data"]["global_batch_size"]
+    assert weight == 0.25 * 512 / 16
+    for m in metrics:
+        assert m["cyclip_in"] > 0 and math.isclose(m["loss"], m["clip"] + weight * m["cyclip_in"], rel_tol=1e-5)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import (ROOT, job_info, read_steps, slurm_cluster, wait_for,  # noqa: F401 (fixture)
-                                 wait_state, write_fake_python)
+from common.jobs import EXIT_REQUEUE, RESUME_LATEST
+from tests.slurm_cluster import (ROOT, job_info, read_steps, slurm_cluster, slurm_rendezvous,  # noqa: F401
+                                 wait_for, wait_state, write_fake_python)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -56,7 +57,7 @@ def test_sbatch_command_line_overrides_script_defaults(slurm_cluster, tmp_path):
 def test_script_passes_arguments_verbatim_with_rendezvous_and_log_folder(slurm_cluster, tmp_path, script):
     python = write_fake_python(tmp_path)
     run_dir = tmp_path / "run"
-    hostile = 'note=a b $(touch {}) "q" \'s\' ;*'.format(tmp_path / "pwned")
+    hostile = 'note=a b $(touch {}) "q" \'s\' ;*\nsecond line'.format(tmp_path / "pwned")
     jid = sbatch([*CPU_2_NODES, str(ROOT / "slurm" / script), "my.yaml", f"run.run_dir={run_dir}",
                   "optim.steps=3", "toy.step_s=0.05", hostile],
                  tmp_path, env={"PYTHON": str(python), "LOG_ROOT": str(tmp_path / "logs")})
@@ -65,15 +66,16 @@ def test_script_passes_arguments_verbatim_with_rendezvous_and_log_folder(slurm_c
     steps = read_steps(run_dir)
     assert sorted((s["rank"], s["step"]) for s in steps) == [(r, k) for r in (0, 1) for k in (1, 2, 3)]
     # Exactly the arguments given, in order, after the default resume=latest: nothing re-split or run.
-    assert steps[0]["argv"] == ["--config", "my.yaml", "run.resume=latest", f"run.run_dir={run_dir}",
+    assert steps[0]["argv"] == ["--config", "my.yaml", RESUME_LATEST, f"run.run_dir={run_dir}",
                                 "optim.steps=3", "toy.step_s=0.05", hostile]
+    # Both ranks met where submitit says this job meets (first host of the allocation, job-id port).
+    assert {s["master"] for s in steps} == {slurm_rendezvous(jid, info["NodeList"])}
+    assert slurm_rendezvous(jid, info["NodeList"]).startswith("n1:")
     assert not (tmp_path / "pwned").exists()
     # Per-job log folder: the batch log and one log per rank.
     job_dir = tmp_path / "logs" / f"{info['JobName']}-{jid}"
     assert sorted(p.name for p in job_dir.iterdir()) == ["batch.log", "rank-0.log", "rank-1.log"]
-    batch = (job_dir / "batch.log").read_text()
-    port = 20000 + int(jid) % 20000
-    assert f"master=n1:{port}" in batch and "srun exit code 0" in batch
+    assert "srun exit code 0" in (job_dir / "batch.log").read_text()
 
 
 def _logs(folder: Path) -> str:
@@ -167,8 +169,13 @@ def test_pretrain_on_two_nodes_equals_torchrun_across_a_requeue(slurm_cluster, d
     assert [(m["loss"], m["logit_scale"]) for m in got] == [(m["loss"], m["logit_scale"]) for m in want]
     for rank in (0, 1):
         assert _keys(run_dir, rank) == _keys(torchrun_reference, rank)
-    batch = (tmp_path / "logs" / f"clip-pretrain-{jid}" / "batch.log").read_text()
-    assert "srun exit code 3" in batch and "restart=1" in batch
+    job_dir = tmp_path / "logs" / f"clip-pretrain-{jid}"
+    batch = (job_dir / "batch.log").read_text()
+    assert f"srun exit code {EXIT_REQUEUE}" in batch and "restart=1" in batch
+    # Each rank logs its rank and the rendezvous, the same before and after the requeue.
+    rendezvous = f"rendezvous {slurm_rendezvous(jid, info['NodeList'])}"
+    for rank in (0, 1):
+        assert (job_dir / f"rank-{rank}.log").read_text().count(rendezvous) == 2, rank
 
 
 def test_scancel_mid_run_leaves_a_loadable_checkpoint(slurm_cluster, digits, tmp_path):

@@ -1,6 +1,6 @@
-"""torch.distributed helpers: the one place the losses touch collectives.
+"""torch.distributed helpers: the one place the losses touch collectives, and launcher discovery.
 
-Every helper is a no-op in a single process (no process group, or a group of one), so the
+Every collective helper is a no-op in a single process (no process group, or a group of one), so the
 losses run unchanged in tests, notebooks and multi-rank jobs.
 
 Gradient convention (what the losses rely on): the collectives below pass gradients back
@@ -8,15 +8,21 @@ with SUM semantics, i.e. the backward of a gather or an all-reduce adds up, on e
 the gradients that *every* rank's loss sends to this rank's input. With per-rank losses
 whose average is the global loss, the gradient a rank sees on its own features is therefore
 W x d(global loss)/d(its features), and DDP/DeepSpeed's averaging of parameter gradients over
-the W ranks turns that back into exactly d(global loss)/d(parameters). See train/losses.py.
+the W ranks turns that back into exactly d(global loss)/d(parameters). See train/losses.py and
+docs/METHODS.md.
 """
 from __future__ import annotations
 
-import warnings
+import logging
+import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+# torch's functional collectives carry autograd: all_gather_single's backward is a reduce-scatter SUM,
+# all_reduce's backward an all_reduce with the same op (gloo and NCCL alike in torch 2.14).
+import torch.distributed._functional_collectives as funcol
+
+log = logging.getLogger(__name__)
 
 
 def is_distributed() -> bool:
@@ -61,96 +67,54 @@ def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> tor
     if x.shape[0] < max_rows:
         padding = x.new_zeros((max_rows - x.shape[0], *x.shape[1:]))
         padded = torch.cat([x, padding], dim=0)
-    with warnings.catch_warnings():
-        # torch marks these autograd collectives deprecated in favour of the private
-        # _functional_collectives; they remain the public API with a documented backward.
-        warnings.simplefilter("ignore", FutureWarning)
-        gathered = dist_nn.all_gather(padded)
-    return torch.cat([part[:rows] for part, rows in zip(gathered, sizes)], dim=0)
+    gathered = funcol.all_gather_single(padded.contiguous(), 0, dist.group.WORLD)  # (W * max_rows, ...)
+    return torch.cat([gathered[r * max_rows:r * max_rows + rows] for r, rows in enumerate(sizes)], dim=0)
 
 
 def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Sum of `x` over ranks; backward sums the incoming gradients over ranks as well."""
     if get_world_size() == 1:
         return x
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # see all_gather_with_grad
-        return dist_nn.all_reduce(x, op=dist.ReduceOp.SUM)
+    return funcol.all_reduce(x.contiguous(), "sum", dist.group.WORLD)
 
 
-# --- Launcher discovery (owned by the trainer) ------------------------------------------------
-# DeepSpeed reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; without LOCAL_RANK it falls
-# back to MPI discovery. These functions fill them in from whichever launcher started us.
-import os as _os
-import subprocess as _subprocess
+# --- Launcher discovery ------------------------------------------------------------------------
+# DeepSpeed reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (without LOCAL_RANK it tries MPI
+# discovery); submitit derives them for its own jobs, slurm/*.sh and a bare srun step.
 
-DEFAULT_MASTER_PORT = 29500
+SINGLE_PROCESS_PORT = 29500  # torchrun's default; only a group of one ever listens on it
 
 
-def _first_slurm_host(nodelist: str) -> str:
-    """First hostname of a compressed SLURM node list ("n[1-4]" -> "n1"), via `scontrol show hostnames`."""
-    try:
-        out = _subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                              check=True, timeout=30).stdout
-        return out.split()[0]
-    except (OSError, _subprocess.SubprocessError, IndexError):
-        # No scontrol on this host (e.g. a container): a plain name or "prefix[a-b,...]" is still readable.
-        head = nodelist.split(",")[0]
-        if "[" in head:
-            prefix, ranges = head.split("[", 1)
-            return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
-        return head
+def discover_launcher_env() -> dict[str, str]:
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in ``os.environ`` and return them.
 
+    Values are strings. Whichever launcher started this process decides, in this order:
 
-def slurm_master_port(job_id: str) -> int:
-    """A port derived from the job id, so concurrent jobs sharing a node do not collide."""
-    return 20000 + int(job_id) % 20000 if str(job_id).isdigit() else DEFAULT_MASTER_PORT
-
-
-def discover_launcher_env(environ: dict | None = None) -> dict:
-    """Set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in ``environ`` and return them.
-
-    Order: torchrun / deepspeed launcher (RANK + WORLD_SIZE present); SLURM (srun or submitit,
-    SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); submitit's local executor (submitit.JobEnvironment);
-    else one process, rank 0 of 1. Values already set in the environment win.
+    1. torchrun or the ``deepspeed`` launcher: RANK and WORLD_SIZE are already set and kept as they are.
+    2. A submitit job environment: submitit's own jobs and slurm/*.sh (``SUBMITIT_EXECUTOR`` = slurm or
+       local), or a bare ``srun`` step (SLURM_STEP_ID set). ``submitit.helpers.TorchDistributedEnvironment``
+       gives the ranks (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, or the local executor's), MASTER_ADDR =
+       the first host of SLURM_JOB_NODELIST and MASTER_PORT drawn from a generator seeded with the job id,
+       so every task of a job, and the job again after a requeue, agree without talking. A MASTER_ADDR or
+       MASTER_PORT already in the environment wins.
+    3. Otherwise one process: rank 0 of 1 on 127.0.0.1.
     """
-    env = _os.environ if environ is None else environ
-    found = {}
+    env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        found = {"RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0")}
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        found = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-                 "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-                 "MASTER_ADDR": env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
-                 "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_master_port(env.get("SLURM_JOB_ID", "")))}
+        env.setdefault("LOCAL_RANK", "0")
+    elif env.get("SUBMITIT_EXECUTOR") or env.get("SLURM_STEP_ID"):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # A bare srun step is a SLURM job environment too; submitit recognises it by this variable.
+        env.setdefault("SUBMITIT_EXECUTOR", "slurm")
+        found = TorchDistributedEnvironment()
+        found.master_addr = env.get("MASTER_ADDR", found.master_addr)
+        found.export(set_cuda_visible_devices=False, overwrite=True)  # each rank picks its GPU by LOCAL_RANK
     else:
-        job_env = _submitit_local_env()
-        if job_env is not None:
-            found = job_env
-    found.setdefault("RANK", "0")
-    found.setdefault("WORLD_SIZE", "1")
-    found.setdefault("LOCAL_RANK", "0")
-    found.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
-    found.setdefault("MASTER_PORT", env.get("MASTER_PORT", str(DEFAULT_MASTER_PORT)))
-    for key, value in found.items():
-        env[key] = str(value)
-    return {k: str(v) for k, v in found.items()}
-
-
-def _submitit_local_env() -> dict | None:
-    """Rank info from submitit's local executor (it sets SUBMITIT_* variables, not SLURM_*)."""
-    if not any(k.startswith("SUBMITIT_") for k in _os.environ):
-        return None
-    try:
-        import submitit
-
-        job = submitit.JobEnvironment()
-        return {"RANK": job.global_rank, "WORLD_SIZE": job.num_tasks, "LOCAL_RANK": job.local_rank,
-                "MASTER_ADDR": _os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                "MASTER_PORT": _os.environ.get("MASTER_PORT", str(slurm_master_port(str(job.job_id).split("_")[0])))}
-    except Exception:  # not actually inside a submitit job
-        return None
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(SINGLE_PROCESS_PORT))
+    return {key: env[key] for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
 def init_distributed_from_env(timeout_s: int = 1800, device: str = "auto") -> tuple[int, int, int]:
@@ -165,6 +129,8 @@ def init_distributed_from_env(timeout_s: int = 1800, device: str = "auto") -> tu
     import deepspeed
 
     found = discover_launcher_env()
+    log.info("rank %s of %s (local rank %s), rendezvous %s:%s", found["RANK"], found["WORLD_SIZE"],
+             found["LOCAL_RANK"], found["MASTER_ADDR"], found["MASTER_PORT"])
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(int(found["LOCAL_RANK"]))
     if not dist.is_initialized():

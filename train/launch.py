@@ -32,11 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import submitit
 from submitit.core.job_environment import SignalHandler
 
-EXIT_REQUEUE = 3  # train.trainer.EXIT_REQUEUE; duplicated so that submitting does not import torch
-RESUME_LATEST = "run.resume=latest"
-# Launcher variables inherited from the submitting shell (sbatch and the local executor copy its
-# environment) would override the job's own SLURM/submitit ranks in train.distributed.
-_STALE_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+from common.jobs import EXIT_REQUEUE, LAUNCHER_VARS, resume_overrides  # torch-free: submitting stays light
 
 
 def _resolve(entry: str) -> Callable[[list[str]], Any]:
@@ -51,21 +47,25 @@ class TrainingJob(submitit.helpers.Checkpointable):
     point it at a stand-in with the same contract.
     """
 
-    def __init__(self, entry: str = "train.trainer:main") -> None:
+    def __init__(self, entry: str = "train.trainer:main", restarted: bool = False) -> None:
         self.entry = entry
+        self.restarted = restarted  # True in the call that `checkpoint` hands to the requeued job
+
+    def argv(self, config: str, overrides: Sequence[str] = ()) -> list[str]:
+        """The trainer's argv, with the resume rule of common.jobs (first start or restart)."""
+        return ["--config", str(config), *resume_overrides(overrides, restarted=self.restarted)]
 
     def __call__(self, config: str, overrides: Sequence[str] = ()) -> Any:
-        for key in _STALE_LAUNCHER_VARS:
+        # The job's ranks and rendezvous come from submitit (train.distributed): the copies of these that
+        # the submitting shell passed on (sbatch and the local executor copy its environment) are stale.
+        for key in LAUNCHER_VARS:
             os.environ.pop(key, None)
         # Stop requests before the trainer installs its own handlers must not kill the process
         # (SIGUSR1's default action); submitit's local executor warns with SIGUSR2: same meaning.
         signal.signal(signal.SIGUSR1, lambda signum, frame: None)
         signal.signal(signal.SIGUSR2, lambda signum, frame: os.kill(os.getpid(), signal.SIGUSR1))
-        # Resume from this run's own checkpoint unless the user named one (then it wins on the first
-        # start only: `checkpoint` below appends resume=latest for every restart).
-        argv = ["--config", str(config), RESUME_LATEST, *overrides]
         try:
-            result = _resolve(self.entry)(argv)
+            result = _resolve(self.entry)(self.argv(config, overrides))
         except SystemExit as stop:
             if stop.code != EXIT_REQUEUE:
                 raise
@@ -75,9 +75,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         return result
 
     def checkpoint(self, config: str, overrides: Sequence[str] = ()) -> submitit.helpers.DelayedSubmission:
-        """What the requeued job runs: the same call, continuing from ``latest``."""
-        overrides = [o for o in overrides if o != RESUME_LATEST] + [RESUME_LATEST]
-        return submitit.helpers.DelayedSubmission(self, config, overrides)
+        """What the requeued job runs: the same call, marked as a restart (it continues from ``latest``)."""
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.entry, restarted=True), config, list(overrides))
 
     def _requeue(self) -> None:
         """The trainer saved a checkpoint and stopped: let submitit re-dump the call and requeue.
