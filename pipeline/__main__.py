@@ -32,7 +32,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from pipeline import run as stages  # noqa: E402
 from common.config_loader import ConfigError, load_config, to_yaml  # noqa: E402
 from common.atomic_files import atomic_write_text  # noqa: E402
-from pipeline.read_input import InputError  # noqa: E402
+from pipeline.read_input import InputError, list_input_files  # noqa: E402
 from pipeline.settings import IngestConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,9 @@ def resolve_config(args, out: Path) -> IngestConfig:
     if path is None and saved.exists():
         path = saved
     cfg = load_config(IngestConfig, path, args.overrides)
-    if saved.exists() and (args.config or args.overrides):
+    # Until a part is normalised no output depends on the settings: a run stopped by a setting error
+    # (say input.url_col) may be rerun with the fix in the same OUT.
+    if saved.exists() and (args.config or args.overrides) and any(saved.parent.glob("input/part-*.json")):
         check_unchanged(saved, cfg)
     work = stages.work_dir(cfg, out)
     work.mkdir(parents=True, exist_ok=True)
@@ -169,6 +171,14 @@ def dispatch(args) -> int | None:
     if args.command == "demo":
         return cmd_demo(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; it must be a dataset folder (new or started by this command)")
+    saved = stages.work_dir(IngestConfig(), out) / "config.yaml"
+    if args.command not in ("run", "parts") and not saved.exists() and args.config is None:
+        raise InputError(f"{out} is not a started ingestion folder (no {saved}): run `python -m pipeline parts "
+                         f"--urls URLS --out {out}` (or `run`) first")
+    if args.command in ("run", "parts"):
+        list_input_files(args.urls)    # a missing URL list is refused before OUT is created
     cfg = resolve_config(args, out)
     work = stages.work_dir(cfg, out)
     if args.command == "run":

@@ -6,26 +6,25 @@ Each dedup partition is a uniformly random subset of the data (hash partitioning
 within a partition and numbering the shards partition after partition gives a shuffled dataset
 while every partition is written independently (memory: one shard of images at a time). Shard
 numbers are contiguous per split (train/000000.tar ...); only the last shard of each partition may
-hold fewer than samples_per_shard samples. Tars are byte-deterministic (fixed mtime/owner), each
-written under a temporary name and renamed, so no half-written tar ever has its final name.
+hold fewer than samples_per_shard samples. Tars (webdataset.TarWriter) are byte-deterministic (fixed
+mtime/owner), each written under a temporary name and renamed after its sample index, so no
+half-written tar ever has its final name and every tar under its final name has its index.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import tarfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 import pyarrow.parquet as pq
-
-from common.shard_folder import write_sample_index
+import webdataset as wds
 
 from common.atomic_files import atomic_write_text
+from common.shard_folder import write_sample_index
 from pipeline.settings import IngestConfig
 
 META_FIELDS = ["url", "caption", "sha256", "width", "height", "original_width", "original_height"]
@@ -55,12 +54,6 @@ def plan(cfg: IngestConfig, work: Path) -> Dict:
     return {"first_shard": dict(first), "num_shards": dict(totals)}
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _read_images(rows: List[dict], work: Path) -> Dict[str, bytes]:
     """Image bytes for rows, reading each source tar once, in offset order."""
     by_tar = defaultdict(list)
@@ -80,13 +73,15 @@ def write_shard(path: Path, rows: List[dict], images: Dict[str, bytes], ext: str
     returns the tar's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    # Byte-deterministic: TarWriter's defaults stamp each member with time.time() (a float, hence a pax
+    # header per member) and user "bigdata"; a fixed integer mtime and empty names make reruns identical.
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0, user="", group="", mode=0o444) as tar:
         for r in rows:
             key = r["row_key"]
             meta = {"key": key, **{f: r.get(f) for f in META_FIELDS}, **{c: r.get(c) for c in extra}}
-            _tar_member(tar, f"{key}.{ext}", images[key])
-            _tar_member(tar, f"{key}.txt", r["caption"].encode("utf-8"))
-            _tar_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+            # TarWriter writes a sample's members sorted by extension (json, image, txt).
+            tar.write({"__key__": key, ext: images[key], "txt": r["caption"].encode("utf-8"),
+                       "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     # The sample index first, the tar last: a tar under its final name always has its index.
     write_sample_index(tmp, index_path(path))

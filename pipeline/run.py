@@ -58,7 +58,9 @@ def _each(name: str, fn: Callable, items: Iterable, workers: int) -> list:
     items = list(items)
     t0 = time.perf_counter()
     results = []
-    with tqdm(total=len(items), desc=f"{name:>9}", unit="task", leave=True) as bar:  # closed on errors too
+    # delay: a stage that ends (or stops on bad input) within a second draws no bar, so a one-line
+    # input error stays one line; the log line below still reports the stage.
+    with tqdm(total=len(items), desc=f"{name:>9}", unit="task", leave=True, delay=1.0) as bar:
         if workers > 1 and len(items) > 1:
             with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
                 for result in pool.map(fn, items):
@@ -135,6 +137,11 @@ def run_dedup(n_parts: int, cfg: IngestConfig, work: Path) -> None:
 
 
 def run_reshard(cfg: IngestConfig, work: Path, out: Path, only: int | None = None) -> None:
+    P = cfg.dedup.partitions
+    missing = [q for q in range(P) if not (work / "dedup" / "final" / f"q{q:04d}.parquet").exists()]
+    if missing:
+        raise InputError(f"{work}: {len(missing)} of {P} dedup partitions not finished (first: {missing[0]}): "
+                         "run `python -m pipeline dedup` (or `global`) on this folder first")
     shard_plan = plan(cfg, work)
     partitions = range(cfg.dedup.partitions) if only is None else [only]
     workers = _workers_for(cfg, work, "filter", "kept")
@@ -143,6 +150,8 @@ def run_reshard(cfg: IngestConfig, work: Path, out: Path, only: int | None = Non
 
 def run_part(i: int, files: List[Path], cfg: IngestConfig, work: Path) -> None:
     """Everything that needs only part i: one SLURM array task (after `parts`)."""
+    if not 0 <= i < len(files):
+        raise InputError(f"--index {i} is out of range: {work} has {len(files)} part(s), 0..{len(files) - 1}")
     normalize_part(files[i], i, cfg, work)
     download_part(i, cfg, work)
     filter_part(i, cfg, work)

@@ -136,6 +136,52 @@ def test_periodic_eval_restores_mode_and_matches_a_manual_computation(trained):
     assert out["zero_shot_top1"] == pytest.approx(top1)
 
 
+def naive_metrics(trained, split: str, n: int) -> dict:
+    """Zero-shot top-1, ECE, leave-one-out prototype consistency, caption-level recall@k, alignment and
+    C_in/C_cross, each by its textbook formula with Python loops (docs/METHODS.md §4)."""
+    data, model, eval_transform, tokenizer, _ = trained
+    samples = list(iter_samples(data, split, n))
+    captions, labels = [s.caption for s in samples], [s.label for s in samples]
+    unique = list(dict.fromkeys(captions))
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(torch.stack([eval_transform(s.image.convert("RGB")) for s in samples])),
+                          dim=-1).double()
+        txt = F.normalize(model.encode_text(tokenizer(unique)), dim=-1).double()
+        classes = torch.stack([F.normalize(F.normalize(model.encode_text(tokenizer([t.format(c) for t in TEMPLATES])),
+                                                       dim=-1).mean(0), dim=0) for c in CLASS_NAMES]).double()
+    probs = (model.logit_scale.exp().item() * img @ classes.T).softmax(1)
+    pred = probs.argmax(1).tolist()
+    out = {"top1": sum(p == y for p, y in zip(pred, labels)) / n, "num_texts": len(unique)}
+    # ECE (Guo et al. 2017): 15 equal-width bins (lo, hi] of the top confidence, |accuracy − confidence| weighted.
+    bins = [[] for _ in range(15)]
+    for i in range(n):
+        conf = probs[i].max().item()
+        bins[max(math.ceil(conf * 15) - 1, 0)].append((conf, pred[i] == labels[i]))
+    out["bin_counts"] = [len(b) for b in bins]
+    out["ece"] = sum(len(b) / n * abs(sum(c for _, c in b) / len(b) - sum(f for f, _ in b) / len(b)) for b in bins if b)
+    # CyCLIP consistency without a reference set: the nearest class mean of the *other* images.
+    agree = 0
+    for i in range(n):
+        cos = {c: F.cosine_similarity(img[i], torch.stack([img[j] for j in range(n) if j != i and labels[j] == c])
+                                      .mean(0), dim=0).item()
+               for c in set(labels) if any(j != i and labels[j] == c for j in range(n))}
+        agree += max(cos, key=cos.get) == pred[i]
+    out["consistency"] = agree / n
+    # Recall@k with identical captions merged: a hit when a relevant item is among the k most similar.
+    sim = img @ txt.T
+    for k in (1, 5, 10):
+        out[f"i2t_R@{k}"] = sum(unique.index(captions[i]) in sim[i].argsort(descending=True)[:k].tolist()
+                                for i in range(n)) / n
+        out[f"t2i_R@{k}"] = sum(any(captions[i] == unique[t] for i in sim[:, t].argsort(descending=True)[:k].tolist())
+                                for t in range(len(unique))) / len(unique)
+    paired = txt[[unique.index(c) for c in captions]]
+    out["alignment"] = sum((img[i] - paired[i]).norm().item() ** 2 for i in range(n)) / n
+    out["C_in"] = sum(((img[i] @ img[j] - paired[i] @ paired[j]) ** 2).item() for i in range(n) for j in range(n)) / n
+    out["C_cross"] = sum(((img[i] @ paired[j] - img[j] @ paired[i]) ** 2).item()
+                         for i in range(n) for j in range(n)) / n
+    return out
+
+
 def write_run(run_dir: Path, model, log, loss_overrides: dict, seed: int):
     """A run folder as the trainer leaves it: config.yaml, metrics.jsonl, export/."""
     (run_dir / "export").mkdir(parents=True)
@@ -164,16 +210,21 @@ def test_cli_writes_report_and_plots_and_compare_groups_seeds(trained, tmp_path)
 
     out = json.loads((runs[0] / "eval" / "eval.json").read_text())
     assert out["dataset"]["num_samples"] == 120 and out["dataset"]["num_classes"] == 10
+    # Independent reference: the same 120 images and captions encoded here, every metric by its naive formula.
+    ref = naive_metrics(trained, "val", 120)
     zs = out["zero_shot"]
-    assert zs["top1"] > 0.15 and 0 <= zs["ece"] <= 1 and 0 <= zs["consistency"] <= 1
-    assert sum(out["calibration"]["count"]) == 120 and len(out["calibration"]["count"]) == 15
+    assert zs["top1"] == pytest.approx(ref["top1"]) and zs["top1"] > 0.15
+    assert zs["ece"] == pytest.approx(ref["ece"], rel=1e-4, abs=1e-6)
+    assert zs["consistency_definition"] == "loo_prototype" and zs["consistency"] == pytest.approx(ref["consistency"])
+    assert out["calibration"]["count"] == ref["bin_counts"]
     assert set(out["shift"]) == {"blur", "rotation"} and set(out["shift"]["blur"]) == {"1", "3"}
-    distinct = len({s.caption for s in iter_samples(data, "val", 120)})
-    assert out["retrieval"]["num_texts"] == distinct and out["retrieval"]["relevance"] == "caption"
+    assert out["retrieval"]["num_texts"] == ref["num_texts"] and out["retrieval"]["relevance"] == "caption"
     for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
-        assert 0 <= out["retrieval"][k] <= 1
+        assert out["retrieval"][k] == pytest.approx(ref[k]), k
     emb = out["embedding"]
-    assert emb["pairs"] == "caption" and emb["C_in"] >= 0 and 0 <= emb["alignment"] <= 4
+    assert emb["pairs"] == "caption"
+    for k in ("alignment", "C_in", "C_cross"):
+        assert emb[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), k
     assert out["robustness"]["shifted_top1"] == pytest.approx(
         np.mean([m["top1"] for sev in out["shift"].values() for m in sev.values()]))
     md = (runs[0] / "eval" / "eval.md").read_text()
@@ -254,3 +305,68 @@ def test_cli_knn_consistency_and_temperature_match_a_manual_computation(trained,
     assert zs["nll_ts"] == pytest.approx(F.cross_entropy(logits.double() / t, test_y).item(), rel=1e-4)
     assert zs["nll_ts"] <= zs["nll"] + 0.05    # fitted on val = these images here, so it cannot be much worse
     assert "ECE after T" in (run / "eval" / "eval.md").read_text()
+
+
+# ---- user errors: one line, no traceback, exit 2, through the real CLI ----------------------------
+
+def test_cli_user_errors_are_one_line_without_traceback(trained, tmp_path):
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    data, model, _, _, log = trained
+    run, no_export = tmp_path / "run", tmp_path / "not_a_run"
+    write_run(run, model, log, {}, seed=0)
+    no_export.mkdir()
+    weights, garbage, other_arch = run / "export" / "model.pt", tmp_path / "garbage.pt", tmp_path / "other.json"
+    garbage.write_bytes(b"not a torch file")
+    other_arch.write_text(json.dumps({**TINY_CFG, "embed_dim": 16}))
+    ok = [f"dataset={data}", "split=val"]
+    cases = {  # argv -> what the one line must name
+        "missing dataset folder": (["--checkpoint", str(run), f"dataset={tmp_path}/nope"], "manifest.json not found"),
+        "bad key": (["--checkpoint", str(run), *ok, "no_such_key=1"], "no_such_key"),
+        "wrong type": (["--checkpoint", str(run), *ok, "max_samples=many"], "max_samples"),
+        "split not in manifest": (["--checkpoint", str(run), f"dataset={data}", "split=test"], "no split 'test'"),
+        "missing checkpoint": (["--checkpoint", str(tmp_path / "gone")], "not found"),
+        "run dir without export": (["--checkpoint", str(no_export), *ok], "export/model.pt not found"),
+        "missing reference_dataset": (["--checkpoint", str(run), *ok, f"reference_dataset={tmp_path}/nope"],
+                                      "reference_dataset="),
+        "reference split missing": (["--checkpoint", str(run), *ok, f"reference_dataset={data}",
+                                     "calibration_split=holdout"], "no split 'holdout'"),
+        "bare weights, no model": (["--checkpoint", str(weights), *ok], "model_name="),
+        "unknown model": (["--checkpoint", str(weights), *ok, "model_name=NoSuchNet"], "not an open_clip model"),
+        "not a weights file": (["--checkpoint", str(garbage), *ok, f"model_config={run}/export/model_config.json"],
+                               "not a PyTorch state-dict file"),
+        "weights of another architecture": (["--checkpoint", str(weights), *ok, f"model_config={other_arch}"],
+                                            "does not fit model"),
+    }
+
+    def cli(argv):
+        return subprocess.run([sys.executable, "-m", "train.evaluate", *argv], cwd=Path(__file__).parent.parent,
+                              capture_output=True, text=True, timeout=180)
+
+    with ThreadPoolExecutor(3) as pool:    # ~3 s of imports each: run them side by side
+        results = dict(zip(cases, pool.map(cli, [argv for argv, _ in cases.values()])))
+    for name, proc in results.items():
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (name, proc.stderr)
+        assert lines[0].startswith(("error: ", "config error: ")) and cases[name][1] in lines[0], (name, lines)
+        assert not (run / "eval").exists(), name    # nothing evaluated, nothing written
+    # `make eval` passes the line through (make's own "Error 2" line aside), and says its usage without RUN_DIR.
+    for make_args, expected in (([f"RUN_DIR={tmp_path}/gone", f"ARGS=dataset={data} split=val"], "not found"),
+                                ([], "usage: make eval RUN_DIR=")):
+        done = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.setup-stamp", "eval", *make_args],
+                              cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120)
+        lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("make: ***")]
+        assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stderr
+        assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_max_samples_beyond_the_split_evaluates_all_of_it_and_says_so(trained, tmp_path, capsys):
+    data, model, _, _, log = trained
+    run = tmp_path / "run"
+    write_run(run, model, log, {}, seed=0)
+    assert main(["--checkpoint", str(run), f"dataset={data}", "split=val", "max_samples=100000", "corruptions=[]",
+                 f"templates={json.dumps(TEMPLATES)}"]) == 0
+    assert "max_samples=100000 > 200 samples in val; evaluating all 200" in capsys.readouterr().err
+    assert json.loads((run / "eval" / "eval.json").read_text())["dataset"]["num_samples"] == 200

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.http_server import LoopbackServer
-from tests.ingest_helpers import BadWebHandler, free_port, jpeg_bytes, read_all_samples, run_pipeline
+from tests.ingest_helpers import (ROOT, BadWebHandler, free_port, read_all_samples, run_pipeline,
+                                  run_pipeline_raw)
 
 pytestmark = pytest.mark.slow
 GOOD = 10  # /img/0.jpg .. /img/9.jpg
@@ -119,6 +122,48 @@ def test_manifest_counts_match_shards(bad_run):
     assert "failed: http_404" in bad_run["stdout"]  # the final summary table is printed
 
 
-def test_same_image_bytes_helper_is_deterministic():
-    # the content-dedup expectation above relies on the server sending identical bytes
-    assert jpeg_bytes(999) == jpeg_bytes(999) and jpeg_bytes(1) != jpeg_bytes(2)
+# ---- user errors: one line on stderr (nothing else, not even a progress bar), exit 2, no traceback ----
+
+def _one_line_error(proc: subprocess.CompletedProcess, expected: str, case: str) -> None:
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("make: ***")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout, (case, proc.stderr)
+    assert len(lines) == 1 and expected in lines[0], (case, proc.stderr)
+    assert lines[0].startswith(("error: ", "config error: ")), (case, lines)
+
+
+def test_pipeline_user_errors_are_one_line(tmp_path):
+    urls, other = tmp_path / "urls.csv", tmp_path / "other.csv"
+    urls.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a caption\n")
+    other.write_text("url,caption\nhttp://127.0.0.1:9/b.jpg,another\n")
+    started = tmp_path / "started"
+    run_pipeline("parts", "--urls", str(urls), "--out", str(started))    # registers 1 part, downloads nothing
+    run_args = ["run", "--urls", str(urls), "--out"]
+    cases = {  # argv -> what the one line must name
+        "missing url file": (["run", "--urls", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "a")],
+                             "no such file"),
+        "bad key": ([*run_args, str(tmp_path / "b"), "dedup.partition=3"], "dedup.partition"),
+        "wrong type": ([*run_args, str(tmp_path / "c"), "dedup.partitions=three"], "dedup.partitions"),
+        "unknown input format": ([*run_args, str(tmp_path / "d"), "input.format=xls"], "input.format"),
+        "unknown image format": ([*run_args, str(tmp_path / "e"), "download.encode_format=bmp"], "encode_format"),
+        "missing column": ([*run_args, str(tmp_path / "f"), "input.url_col=link"], "missing column(s) ['link']"),
+        "rerun with changed settings": (["parts", "--urls", str(urls), "--out", str(started), "dedup.partitions=3"],
+                                        "dedup.partitions was 16, now 3"),
+        "rerun with other input files": (["parts", "--urls", str(other), "--out", str(started)],
+                                         "input files changed"),
+        "stage on a folder never started": (["reshard", "--out", str(tmp_path / "g")], "not a started"),
+        "reshard before dedup": (["reshard", "--out", str(started)], "dedup partitions not finished"),
+        "array index out of range": (["part", "--out", str(started), "--index", "1"], "--index 1 is out of range"),
+        "--out is a file": ([*run_args, str(urls)], "is a file"),
+    }
+    with ThreadPoolExecutor(3) as pool:    # ~3 s of imports each: run them side by side
+        results = dict(zip(cases, pool.map(lambda c: run_pipeline_raw(*c[0]), cases.values())))
+    for case, proc in results.items():
+        _one_line_error(proc, cases[case][1], case)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "a").exists()    # a refused command leaves no folder
+    # Before any part is normalised, the fix goes into the same OUT (no "settings changed" refusal).
+    run_pipeline("parts", "--urls", str(urls), "--out", str(tmp_path / "f"), "input.url_col=url")
+    # make shards passes the line through (make's own "Error 2" line aside).
+    done = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.setup-stamp", "shards",
+                           f"URLS={tmp_path}/nope.csv", f"OUT={tmp_path}/h"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    _one_line_error(done, "no such file", "make shards")

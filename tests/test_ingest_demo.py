@@ -2,10 +2,12 @@
 HTTP -> img2dataset -> stages. The held-out test split never reaches the training shards."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.demo_source import CLASSNAMES, FASHION_MNIST_DIR, SYNONYMS, load_split, read_idx
@@ -42,7 +44,16 @@ def test_demo_builds_disjoint_train_and_test_sets(tmp_path):
     assert set(train_samples) == {"train", "val"} and set(test_samples) == {"test"}
     train_all = [s for v in train_samples.values() for s in v]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(train_all) == summary["written"] == 200 - summary["duplicates"]
+    # Exact accounting from the source the demo served: 200 URLs, none bad; the duplicates are the
+    # repeated image files (Fashion-MNIST holds a few byte-identical images), each counted once.
+    source = Path(f"{out}_source")
+    urls = pq.read_table(source / "train.parquet")["url"].to_pylist()
+    distinct = len({hashlib.sha256((source / "images" / "train" / u.rsplit("/", 1)[1]).read_bytes()).digest()
+                    for u in urls})
+    assert summary["input_rows"] == len(urls) == len(set(urls)) == 200
+    assert summary["failed"] == {} and summary["filtered"] == {}
+    assert summary["duplicates_by"] == {"url": 0, "content": 200 - distinct} and summary["duplicates"] == 200 - distinct
+    assert len(train_all) == summary["written"] == distinct
     assert len(test_samples["test"]) == json.loads((test_out / "summary.json").read_text())["written"] == 80
     _, train_labels = load_split("train")
     _, test_labels = load_split("test")

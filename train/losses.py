@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -330,25 +331,17 @@ class ContrastiveObjective:
 
     def __init__(self, cfg: LossConfig, seed: int):
         self.cfg = cfg
-        # Same seed on every rank → same λ everywhere, with no collective; checkpointed via state_dict.
-        self._generator = torch.Generator().manual_seed(seed)
+        # Same seed on every rank → same λ everywhere, with no collective. numpy's Generator owns its
+        # state (torch's Beta sampler reads only the global RNG), and that state is a plain dict.
+        self._rng = np.random.default_rng(seed)
         self._steps = 0    # draws so far = optimizer steps taken (drives the mix-weight schedule)
-
-    def _beta(self, alpha: float) -> float:
-        alpha = torch.tensor(alpha, dtype=torch.float64)
-        # torch's Beta sampler only reads the global CPU RNG: run it on our state, leave the global alone.
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self._generator.get_state())
-            lam = torch.distributions.Beta(alpha, alpha).sample()
-            self._generator.set_state(torch.get_rng_state())
-        return float(lam)
 
     def draw_lambda(self) -> dict[str, float]:
         """This step's draws: {term: λ} for each active mixing term, each from its own Beta(α_term, α_term)
         as in the reference, plus "mix_weight_factor" (the schedule's g). Call once per optimizer step
         and pass the dict to every micro-batch of the step."""
-        draws = {t: self._beta(getattr(self.cfg, f"{t}_alpha")) for t in MIX_TERMS
-                 if getattr(self.cfg, f"{t}_weight") > 0}
+        alphas = {t: getattr(self.cfg, f"{t}_alpha") for t in MIX_TERMS if getattr(self.cfg, f"{t}_weight") > 0}
+        draws = {t: float(self._rng.beta(a, a)) for t, a in alphas.items()}    # in MIX_TERMS order
         draws["mix_weight_factor"] = self.cfg.mix_weight_factor(self._steps)
         self._steps += 1
         return draws
@@ -392,8 +385,12 @@ class ContrastiveObjective:
         return terms
 
     def state_dict(self) -> dict:
-        return {"lambda_generator": self._generator.get_state(), "steps": self._steps}
+        """{"lambda_generator": numpy bit-generator state (str/int only: pickle-, JSON- and
+        torch.load(weights_only=True)-safe), "steps": draws so far}."""
+        return {"lambda_generator": self._rng.bit_generator.state, "steps": self._steps}    # a fresh dict
 
     def load_state_dict(self, state: dict) -> None:
-        self._generator.set_state(state["lambda_generator"])
+        if not isinstance(state["lambda_generator"], dict):    # a torch ByteTensor: written before numpy
+            raise ValueError("this checkpoint's λ sampler state is from an older code version (torch generator)")
+        self._rng.bit_generator.state = state["lambda_generator"]
         self._steps = int(state.get("steps", 0))    # checkpoints from before the schedule existed

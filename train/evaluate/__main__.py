@@ -5,7 +5,8 @@
 
 The first evaluates one model (EvalConfig fields as overrides, e.g. ``max_samples=1000``) and writes
 eval.json, eval.md and the plots to ``out_dir`` (default RUN_DIR/eval); the second puts evaluated runs
-side by side.
+side by side. A user mistake (bad key or value, missing dataset folder, split, reference dataset or
+checkpoint) ends with one line on stderr and exit code 2, checked before the model is loaded.
 """
 from __future__ import annotations
 
@@ -16,18 +17,45 @@ from pathlib import Path
 import torch
 
 from common.config_loader import ConfigError, load_config
+from common.shard_folder import read_manifest
 
 from .compare import compare
-from .config import EvalConfig
+from .config import EvalConfig, EvalInputError
 from .core import evaluate
 from .data import load_model
 from .report import write_eval_outputs
+
+EXIT_USER_ERROR = 2
 
 
 def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def _split_size(folder: str, split: str, what: str) -> int:
+    """Samples in ``folder``'s ``split``; EvalInputError naming ``what`` if the folder or split is missing."""
+    try:
+        manifest = read_manifest(folder)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise EvalInputError(f"{what}={folder}: {err}") from None
+    if split not in manifest.splits:
+        raise EvalInputError(f"{what}={folder} has no split '{split}' (has: {', '.join(sorted(manifest.splits))})")
+    return manifest.splits[split].num_samples
+
+
+def check_inputs(cfg: EvalConfig) -> None:
+    """The dataset folders and splits a user names, checked before the (slow) model load."""
+    available = _split_size(cfg.dataset, cfg.split, "dataset")
+    if available == 0:
+        raise EvalInputError(f"dataset={cfg.dataset}: split '{cfg.split}' has no samples")
+    if cfg.max_samples > available:    # like `head -n`: evaluate what there is, and say so once
+        print(f"note: max_samples={cfg.max_samples} > {available} samples in {cfg.split}; evaluating all {available}",
+              file=sys.stderr)
+    if cfg.reference_dataset:
+        for split in (cfg.reference_split, cfg.calibration_split):
+            _split_size(cfg.reference_dataset, split, "reference_dataset")
 
 
 def main_evaluate(argv) -> int:
@@ -39,10 +67,13 @@ def main_evaluate(argv) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(EvalConfig, args.config, args.overrides)
-    except (ConfigError, ValueError) as err:
-        parser.error(str(err))
-    device = pick_device(cfg.device)
-    model, eval_transform, tokenizer, run_dir = load_model(args.checkpoint, cfg.model_name, cfg.model_config, device)
+        check_inputs(cfg)    # load_model checks the checkpoint before it builds anything
+        model, eval_transform, tokenizer, run_dir = load_model(args.checkpoint, cfg.model_name, cfg.model_config,
+                                                               pick_device(cfg.device))
+    except (ConfigError, EvalInputError) as err:
+        kind = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"{kind}: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
     out_dir = Path(cfg.out_dir) if cfg.out_dir else (run_dir / "eval" if run_dir else Path("eval"))
     results = evaluate(model, eval_transform, tokenizer, cfg, progress=lambda msg: print(msg, flush=True))
     results["model"]["checkpoint"] = str(args.checkpoint)

@@ -20,6 +20,10 @@ DEFAULT_TEMPLATES = [
 ]
 
 
+class EvalInputError(ValueError):
+    """A user mistake in what `python -m train.evaluate` was pointed at (printed as one line, exit 2)."""
+
+
 @dataclass
 class EvalConfig:
     dataset: str = "data/fmnist"

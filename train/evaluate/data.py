@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from common.shard_folder import read_manifest
 from train.shard_source import KEY_EXT, is_remote, open_remote
 
 from ..corruptions import corrupt
+from .config import EvalInputError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -167,25 +169,39 @@ def load_model(checkpoint: str | Path, model_name: str = "", model_config: str =
 
     A RUN_DIR holds ``export/model.pt`` (plain open_clip state dict) and ``export/model_config.json``.
     """
-    import open_clip
-
     path, run_dir = Path(checkpoint), None
     if path.is_dir():
         run_dir, weights = path, path / "export" / "model.pt"
         model_config = model_config or str(path / "export" / "model_config.json")
         if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found: is {path} a finished run (with export/)?")
+            raise EvalInputError(f"{weights} not found: is {path} a finished run? (`python -m train.export {path}` "
+                                 "exports its latest checkpoint)")
     else:
         weights = path
         if not weights.is_file():
-            raise FileNotFoundError(f"checkpoint {weights} not found")
+            raise EvalInputError(f"checkpoint {weights} not found (a RUN_DIR with export/, or a weights file)")
     if model_config:
-        model_name = resolve_model_name(json.loads(Path(model_config).read_text()),
-                                        model_name or f"eval-{Path(model_config).parent.parent.name}")
+        try:
+            config_json = json.loads(Path(model_config).read_text())
+        except (OSError, ValueError) as err:
+            raise EvalInputError(f"model_config {model_config}: {err}") from None
+        model_name = resolve_model_name(config_json, model_name or f"eval-{Path(model_config).parent.parent.name}")
     if not model_name:
-        raise ValueError("a bare checkpoint needs model_name=... (or model_config=PATH)")
-    model, _, eval_transform = open_clip.create_model_and_transforms(model_name, device=device)
-    # open_clip's loader strips 'module.' prefixes and reshapes a [1]-shaped (DeepSpeed) logit_scale.
-    open_clip.load_checkpoint(model, str(weights), device=device)
+        raise EvalInputError("a bare checkpoint needs model_name=... (or model_config=PATH)")
+    import open_clip    # after the path checks: importing it takes seconds
+
+    if model_name not in open_clip.list_models():
+        raise EvalInputError(f"model_name={model_name} is not an open_clip model (nor registered by model_config)")
+    try:
+        # pretrained=<file>: open_clip builds and loads in one call (strict; 'module.' prefixes stripped and a
+        # [1]-shaped DeepSpeed logit_scale reshaped), so it neither warns "initialized randomly" nor fetches
+        # default tower weights that the checkpoint would overwrite.
+        model, _, eval_transform = open_clip.create_model_and_transforms(model_name, pretrained=str(weights),
+                                                                         device=device)
+    except (pickle.UnpicklingError, EOFError) as err:
+        raise EvalInputError(f"{weights} is not a PyTorch state-dict file ({type(err).__name__})") from None
+    except (RuntimeError, AssertionError, ValueError, KeyError) as err:    # weights of another architecture
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        raise EvalInputError(f"{weights} does not fit model {model_name}: {' '.join(lines[:2])[:200]}") from None
     model.eval()
     return model, eval_transform, open_clip.get_tokenizer(model_name), run_dir
