@@ -71,14 +71,21 @@ RUN_DIR ?=
 DEMO_OUT ?=
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(RANKS)
 
+# `python -m train --dry-run` first (one process, seconds, no DeepSpeed): a missing dataset (run `make shards`),
+# a missing pretrained export (run `make pretrain`) or a bad key ends in one line, before torchrun starts.
+PRETRAIN_CONFIG = $(or $(CONFIG),configs/pretrain_cyclip.yaml)
+FINETUNE_CONFIG = $(or $(CONFIG),configs/finetune_m2mix.yaml)
+
 pretrain: setup
-	$(TORCHRUN) -m train --config $(or $(CONFIG),configs/pretrain_cyclip.yaml) $(ARGS)
+	@$(PYTHON) -m train --dry-run --world-size $(RANKS) --config $(PRETRAIN_CONFIG) $(ARGS)
+	$(TORCHRUN) -m train --config $(PRETRAIN_CONFIG) $(ARGS)
 
 finetune: setup
-	$(TORCHRUN) -m train --config $(or $(CONFIG),configs/finetune_m2mix.yaml) $(ARGS)
+	@$(PYTHON) -m train --dry-run --world-size $(RANKS) --config $(FINETUNE_CONFIG) $(ARGS)
+	$(TORCHRUN) -m train --config $(FINETUNE_CONFIG) $(ARGS)
 
 eval: setup
-	@test -n "$(RUN_DIR)" || { echo "usage: make eval RUN_DIR=runs/pretrain_cyclip [ARGS='max_samples=1000']"; exit 2; }
+	@test -n "$(RUN_DIR)" || { echo "usage: make eval RUN_DIR=runs/pretrain_cyclip [ARGS='max_samples=1000']" >&2; exit 2; }
 	$(PYTHON) -m train.evaluate --checkpoint $(RUN_DIR) dataset=data/fmnist_test split=test reference_dataset=data/fmnist $(ARGS)
 
 # Stage 1 of train.demo is `python -m pipeline demo` (what `make shards` runs) with the sizes of

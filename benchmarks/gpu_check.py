@@ -62,11 +62,15 @@ def check_gpu(dry: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------------ 1. resume
-def _train(args: list[str], env: dict, log: Path) -> int:
+def _train(args: list[str], env: dict, log: Path, kill_during_save_at: int | None = None) -> int:
+    """``python -m train ARGS``; with ``kill_during_save_at`` through the test harness's fault injection
+    (tests/rank_launcher.py: the rank SIGKILLs itself mid-save at that step)."""
     import subprocess
 
+    entry = ["-m", "train"] if kill_during_save_at is None else \
+        ["-m", "tests.rank_launcher", "--kill-during-save-at", str(kill_during_save_at), "--"]
     with open(log, "ab") as out:
-        return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, stdout=out,
+        return subprocess.run([sys.executable, *entry, *args], cwd=ROOT, env=env, stdout=out,
                               stderr=subprocess.STDOUT).returncode
 
 
@@ -81,8 +85,8 @@ def resume_check(tmp: Path, data: Path, s: dict) -> dict:
         run_dir = tmp / f"tiny_{name}"
         args = base + [f"run.run_dir={run_dir}", "run.resume=latest"]
         if name == "resumed":
-            kill = dict(env, MASTER_PORT=str(_free_port()), TRAIN_FAULT_KILL_DURING_SAVE_AT_STEP=str(s["tiny_steps"]))
-            code = _train(args, kill, tmp / f"{name}.log")
+            code = _train(args, dict(env, MASTER_PORT=str(_free_port())), tmp / f"{name}.log",
+                          kill_during_save_at=s["tiny_steps"])
             if code != -9:
                 raise RuntimeError(f"the killed run exited with {code}, not SIGKILL; see {tmp / (name + '.log')}")
             latest = (run_dir / "checkpoints" / "latest").read_text()

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import TrainConfig
+from train.train_state import TrainProgress
 from train.trainer import Trainer
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
@@ -64,7 +65,7 @@ def trainer_shell(device: str = "cpu") -> Trainer:
     """The trainer's bookkeeping without a model or data: what its collective-making methods read."""
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.device, trainer.world_size = TrainConfig(), torch.device(device), 1
-    trainer.step, trainer.samples_seen, trainer.skipped_samples = 3, 48, 5
+    trainer.progress = TrainProgress(step=3, samples_seen=48, skipped_samples=5)
     trainer._pending_skipped, trainer._stop_signal = 2, False
     return trainer
 

@@ -1,14 +1,17 @@
-"""Everything needed to resume, in one place: atomic sharded checkpoints with the trainer state.
+"""Everything needed to resume, in one place: atomic sharded checkpoints of the engine and every stateful component.
 
 Layout under RUN_DIR/checkpoints/::
 
     step_00000123/              one complete checkpoint (a DeepSpeed tag folder)
-      mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed's shards
-      trainer_state.pt          step, samples seen, skip counters, lambda-sampler state, world size,
-                                config, code version (rank 0)
-      rng_rank{R}.pt            torch / numpy / python RNG states of rank R
+      mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed's shards (the engine)
+      rank{R}_state.pt          rank R's per-rank components ({name: state_dict}, e.g. its RNG)
+      trainer_state.pt          {step, world_size, config, code_version, states: {name: state_dict}} for
+                                the components every rank shares (counters, data position, objective); rank 0
     step_00000123_universal/    made on demand for an elastic resume (different world size)
     latest                      the name of the newest *complete* checkpoint
+
+The manager knows components only by name (``register``): a component is anything with ``state_dict()``
+and ``load_state_dict()``, so adding one to the trainer's registry is all it takes to checkpoint it.
 
 Atomicity: every rank writes into ``.partial_step_...``; after a barrier rank 0 renames it into place
 and only then replaces ``latest`` (write to a temporary file + rename). A kill at any point leaves the
@@ -18,25 +21,28 @@ Requires a filesystem shared by all ranks (as DeepSpeed itself does).
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from common.atomic_files import atomic_write_text
+from common.config_loader import ConfigError
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
 PARTIAL_PREFIX = ".partial_"
-# Fault injection for the kill-during-save test: the process SIGKILLs itself mid-save at this step.
-KILL_DURING_SAVE_ENV = "TRAIN_FAULT_KILL_DURING_SAVE_AT_STEP"
+RANK_STATE = "rank{}_state.pt"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def step_tag(step: int) -> str:
@@ -53,39 +59,31 @@ def code_version() -> str:
     return commit or "unknown"
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             # numpy's state holds an ndarray; as a list it loads under torch.load(weights_only=True)
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 class CheckpointManager:
+    """Saves and loads the DeepSpeed engine plus named components (see the module docstring)."""
+
     def __init__(self, run_dir: str | os.PathLike, keep_last: int, rank: int):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last, self.rank = keep_last, rank
+        self.engine = None
+        self.states: Dict[str, Stateful] = {}
+        self.rank_states: Dict[str, Stateful] = {}
+        self.meta: dict = {}
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(PARTIAL_PREFIX + "*"):
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
+
+    def register(self, engine, states: Dict[str, Stateful], rank_states: Dict[str, Stateful], meta: dict) -> None:
+        """What to checkpoint: the engine (DeepSpeed's sharded format), components shared by all ranks
+        (saved once, by rank 0), per-rank components, and ``meta`` (e.g. world size, config) saved beside."""
+        self.engine, self.states, self.rank_states, self.meta = engine, states, rank_states, meta
 
     def latest(self) -> Optional[Path]:
         """The newest complete checkpoint, or None."""
@@ -101,32 +99,38 @@ class CheckpointManager:
             return None
         if resume == LATEST:
             return self.latest()
-        path = Path(resume)
-        if not (path / TRAINER_STATE).is_file():
-            raise FileNotFoundError(f"run.resume={resume}: no {TRAINER_STATE} there, not a complete checkpoint")
-        return path
+        return complete_checkpoint(resume)
 
-    def save(self, engine, step: int, trainer_state: dict) -> Path:
-        tag = step_tag(step)
-        partial = self.dir / (PARTIAL_PREFIX + tag)
+    # ---------------------------------------------------------------- save
+    def save(self, step: int) -> Path:
+        partial = self.dir / (PARTIAL_PREFIX + step_tag(step))
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         _barrier()
-        engine.save_checkpoint(str(self.dir), tag=partial.name, client_state={}, save_latest=False)
-        torch.save(rng_state(), partial / f"rng_rank{self.rank}.pt")
-        if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        self._write_partial(partial)
         _barrier()
-        final = self.dir / tag
+        final = self.dir / step_tag(step)
         if self.rank == 0:
-            # trainer_state.pt goes in last: resolve() treats its presence as "complete".
-            torch.save(trainer_state, partial / TRAINER_STATE)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-            atomic_write_text(self.dir / LATEST, tag)
-            self._prune(keep=final)
+            self._commit(partial, final, step)
         _barrier()
         return final
+
+    def _write_partial(self, partial: Path) -> None:
+        """Every rank: its DeepSpeed shards and its per-rank components."""
+        self.engine.save_checkpoint(str(self.dir), tag=partial.name, client_state={}, save_latest=False)
+        torch.save({name: c.state_dict() for name, c in self.rank_states.items()},
+                   partial / RANK_STATE.format(self.rank))
+
+    def _commit(self, partial: Path, final: Path, step: int) -> None:
+        """Rank 0: the shared components, then the rename and ``latest`` that make the checkpoint count."""
+        state = {**self.meta, "step": step, "code_version": code_version(),
+                 "states": {name: c.state_dict() for name, c in self.states.items()}}
+        # trainer_state.pt goes in last: resolve() treats its presence as "complete".
+        torch.save(state, partial / TRAINER_STATE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        atomic_write_text(self.dir / LATEST, final.name)
+        self._prune(keep=final)
 
     def _prune(self, keep: Path) -> None:
         complete = sorted(p for p in self.dir.glob("step_*") if p.is_dir() and not p.name.endswith("_universal"))
@@ -135,14 +139,44 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
                 shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
 
-    @staticmethod
-    def load_trainer_state(path: Path) -> dict:
-        return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+    # ---------------------------------------------------------------- load
+    def load(self, path: Path) -> dict:
+        """Load the engine and every registered component from ``path``; returns the saved trainer state.
+
+        A per-rank file absent for this rank (it did not exist in the saved run: elastic resume) leaves
+        that rank's per-rank components as they are."""
+        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
+        state = self.load_trainer_state(path)
+        missing = sorted(set(self.states) - set(state.get("states", {})))
+        if missing:  # a user error (run.resume names it): one line from python -m train
+            raise ConfigError(f"{path / TRAINER_STATE} has no state for {', '.join(missing)}: not a checkpoint "
+                              "of this trainer version; resume it with the version that wrote it")
+        for name, component in self.states.items():
+            component.load_state_dict(state["states"][name])
+        rank_file = path / RANK_STATE.format(self.rank)
+        if rank_file.is_file():
+            saved = torch.load(rank_file, map_location="cpu", weights_only=True)
+            for name, component in self.rank_states.items():
+                if name in saved:
+                    component.load_state_dict(saved[name])
+        return state
 
     @staticmethod
-    def load_rng(path: Path, rank: int) -> Optional[dict]:
-        file = path / f"rng_rank{rank}.pt"
-        return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
+    def load_trainer_state(path: Path) -> dict:
+        """The small rank-0 file: step, world_size, config, code_version and the shared components' states."""
+        return torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def complete_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` if it is a complete checkpoint folder, else FileNotFoundError saying what it is not."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"run.resume={path}: no such checkpoint folder")
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"run.resume={path}: no {TRAINER_STATE} there, not a complete checkpoint "
+                                "(a run folder resumes with run.resume=latest and run.run_dir=it)")
+    return path
 
 
 def to_universal(checkpoint: Path, rank: int = 0) -> Path:
@@ -159,7 +193,7 @@ def to_universal(checkpoint: Path, rank: int = 0) -> Path:
         subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                         str(checkpoint), "--output_folder", str(tmp), "--inject_missing_state",
                         "--num_extract_workers", "1", "--num_merge_workers", "1"], check=True)
-        for extra in [TRAINER_STATE, *(p.name for p in checkpoint.glob("rng_rank*.pt"))]:
+        for extra in [TRAINER_STATE, *(p.name for p in checkpoint.glob(RANK_STATE.format("*")))]:
             shutil.copy2(checkpoint / extra, tmp / extra)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)

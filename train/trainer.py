@@ -2,11 +2,16 @@
 
 Pretraining (CLIP, CyCLIP) and fine-tuning (m2-Mix, plain) are configs: the loss composition comes
 from ``cfg.loss`` through ``ContrastiveObjective``, so nothing here branches per method.
+
+Lifecycle (after torchtitan's trainer): ``Trainer(cfg)`` builds the engine and registers every stateful
+component once with the ``CheckpointManager``, which saves and loads them all; ``fit()`` runs the loop;
+``close()`` (called by ``main``'s ``finally``, on any exit) stops loader workers and closes the writers.
+One step is ``forward_backward_step`` (gradients only) then ``optimizer_step`` (the update).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import math
 import signal
@@ -19,18 +24,20 @@ import torch
 import torch.distributed as dist
 
 from common.config_loader import load_config, to_dict, to_yaml
-from train import data as data_lib
-from train.checkpoint import CheckpointManager, code_version, set_rng_state, to_universal
+from common.jobs import EXIT_REQUEUE
+from train.checkpoint import CheckpointManager, to_universal
 from train.config import TrainConfig
-from train.distributed import init_distributed_from_env
+from train.distributed import discover_launcher_env, init_distributed_from_env
 from train.export import export_engine
 from train.losses import ContrastiveObjective
 from train.model import build_model, weight_decay_groups
+from train.preflight import preflight
+from train.run_log import MetricsWriter, SampleKeysWriter
+from train.train_state import RNGState, StatefulLoader, TrainProgress
 
 log = logging.getLogger("train")
 EXIT_OK = 0
-EXIT_REQUEUE = 3
-"""Exit code after a checkpoint on SIGUSR1/SIGTERM (or run.stop_after_steps): the job should be requeued."""
+# EXIT_REQUEUE (common.jobs): the exit code after a checkpoint on SIGUSR1/SIGTERM (or run.stop_after_steps).
 
 
 def cosine_lr(step: int, cfg) -> float:
@@ -54,38 +61,19 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-class MetricsWriter:
-    """metrics.jsonl + TensorBoard on rank 0; a resumed run first drops lines past its checkpoint."""
-
-    def __init__(self, run_dir: Path, resumed_step: int, tensorboard: bool):
-        self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resumed_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a")
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self._closing = contextlib.ExitStack()  # what __init__ opened, closed in reverse order by close()
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.cfg
         self.rank, self.world_size, self.local_rank = init_distributed_from_env(device=cfg.run.device)
         self.per_rank = cfg.check_world_size(self.world_size)
         self.micro_batch = self.per_rank // cfg.data.accum_freq
@@ -98,31 +86,45 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.rank)
-        resume_from = self.checkpoints.resolve(cfg.run.resume)
-        universal = False
-        if resume_from is not None:
-            saved = CheckpointManager.load_trainer_state(resume_from)
-            # Elastic resume: ZeRO-1/2/3 partition the optimizer state by world size, so they go through one
-            # universal-checkpoint conversion; stage 0 saves it whole and loads as it is on any world size.
-            if saved["world_size"] != self.world_size and saved["config"]["zero"]["stage"] > 0:
-                resume_from, universal = to_universal(resume_from, self.rank), True
+        resume_from, universal = self._resume_point()
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model, self.train_transform, self.eval_transform, self.tokenizer = build_model(cfg.model, self.device)
         self.engine = self._build_engine(model, universal)
         self.objective = ContrastiveObjective(cfg.loss, cfg.run.seed)
-        self.step = self.samples_seen = self.skipped_samples = self.nonfinite_total = self.nonfinite_in_row = 0
+        self.progress = TrainProgress()
+        self.loader = StatefulLoader(cfg.data, self.rank, self.world_size, cfg.run.seed, cfg.optim.steps,
+                                     self.train_transform, self.tokenizer)
+        self._closing.callback(self.loader.close)  # DataLoader workers stop before the process group goes
+        # The one list of what a checkpoint holds besides the engine.
+        self.checkpoints.register(
+            self.engine, states={"progress": self.progress, "data": self.loader, "objective": self.objective},
+            rank_states={"rng": RNGState()}, meta={"world_size": self.world_size, "config": to_dict(cfg)})
         if resume_from is not None:
-            self.load(resume_from)
+            self.checkpoints.load(resume_from)
+            if self.rank == 0:
+                log.info("resumed from %s at step %d", resume_from, self.progress.step)
         self._stop_signal = False
         self._pending_skipped = 0  # corrupt samples replaced on this rank since the last log line
-        self.loader = self._build_loader()
-        self.metrics = MetricsWriter(self.run_dir, self.step, cfg.logging.tensorboard) if self.rank == 0 else None
-        self.keys_file = None
+        self.metrics = self.keys_file = None
+        if self.rank == 0:
+            self.metrics = MetricsWriter(self.run_dir, self.progress.step, cfg.logging.tensorboard)
+            self._closing.callback(self.metrics.close)
         if cfg.logging.log_sample_keys:
-            (self.run_dir / "sample_keys").mkdir(parents=True, exist_ok=True)
-            self.keys_file = open(self.run_dir / "sample_keys" / f"rank{self.rank}.jsonl", "a")
+            self.keys_file = SampleKeysWriter(self.run_dir, self.rank)
+            self._closing.callback(self.keys_file.close)
 
-    # ---------------------------------------------------------------- setup
+    def _resume_point(self) -> tuple[Optional[Path], bool]:
+        """The checkpoint to resume from (None: fresh start), and whether it goes through the universal format."""
+        resume_from = self.checkpoints.resolve(self.cfg.run.resume)
+        if resume_from is None:
+            return None, False
+        saved = CheckpointManager.load_trainer_state(resume_from)
+        # Elastic resume: ZeRO-1/2/3 partition the optimizer state by world size, so they go through one
+        # universal-checkpoint conversion; stage 0 saves it whole and loads as it is on any world size.
+        if saved["world_size"] != self.world_size and saved["config"]["zero"]["stage"] > 0:
+            return to_universal(resume_from, self.rank), True
+        return resume_from, False
+
     def _device(self) -> torch.device:
         wanted = self.cfg.run.device
         if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
@@ -168,15 +170,6 @@ class Trainer:
                                                config=self.deepspeed_config(universal))
         return engine
 
-    def _build_loader(self):
-        # The order is a pure function of (seed, step, world size, manifest): resuming needs only self.step.
-        cfg = self.cfg
-        loader = data_lib.build_loader(cfg.data, self.rank, self.world_size, cfg.run.seed, self.step, cfg.optim.steps,
-                                       self.train_transform, self.tokenizer)
-        if getattr(self, "_resumed_data", None):  # the checkpoint's order must be this run's order
-            loader.dataset.order.check_resume(self._resumed_data)
-        return loader
-
     # ---------------------------------------------------------------- one step
     @property
     def input_dtype(self) -> torch.dtype:
@@ -191,8 +184,9 @@ class Trainer:
                 scale.float().clamp(max=self.cfg.optim.max_logit_scale))
 
     def forward_backward_step(self, images: torch.Tensor, texts: torch.Tensor, lam: Optional[dict]) -> Optional[dict]:
-        """Forward, loss over the whole per-rank batch (all negatives), backward; None if the loss is not finite.
+        """Forward, loss over the whole per-rank batch (all negatives), backward: gradients only, no update.
 
+        Returns the loss terms, or None (and no backward ran) when the loss is not finite on some rank.
         With accum_freq = k > 1 (open_clip's --accum-freq): features of all k micro-batches are first
         computed without gradients; then each micro-batch is recomputed with gradients and the loss is
         evaluated with it in place among the cached rest. The k backwards sum to exactly the gradient of
@@ -202,11 +196,14 @@ class Trainer:
         k, m = self.cfg.data.accum_freq, self.micro_batch
         chunks = [(images[i * m:(i + 1) * m], texts[i * m:(i + 1) * m]) for i in range(k)]
         cached = None
+        self.engine.set_gradient_accumulation_boundary(k == 1)
         if k > 1:
             with torch.no_grad():
                 cached = [self._features(*chunk)[:2] for chunk in chunks]
         terms = None
         for j, chunk in enumerate(chunks):
+            # DeepSpeed reduces the summed gradients in the backward it is told is the last one.
+            self.engine.set_gradient_accumulation_boundary(j == k - 1)
             image_features, text_features, scale = self._features(*chunk)
             if cached is not None:
                 image_features = torch.cat([c[0] for c in cached[:j]] + [image_features] + [c[0] for c in cached[j + 1:]])
@@ -216,11 +213,16 @@ class Trainer:
             if j == 0:
                 terms = {name: value.detach() for name, value in out.items()}
                 terms["logit_scale"] = scale.detach().reshape(())
-                if not self._all_finite(terms["loss"]):
+                if not self._all_finite(terms["loss"]):  # agreed by all ranks before any backward
                     return None
             self.engine.backward(out["loss"], scale_wrt_gas=False)
-            self.engine.step()  # DeepSpeed only updates at the k-th call (its accumulation boundary)
         return terms
+
+    def optimizer_step(self, lr: float) -> None:
+        """The update: learning rate, gradient clipping, AdamW, and (ZeRO) the parameter all-gather."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         # Every tensor a collective touches lives on the trainer's device: NCCL (DeepSpeed's backend on
@@ -231,53 +233,29 @@ class Trainer:
         return bad.item() == 0.0
 
     def train_step(self, batch: dict) -> Optional[dict]:
-        lr = cosine_lr(self.step, self.cfg.optim)
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        """forward_backward_step, then optimizer_step unless the loss was not finite (the step is skipped)."""
+        lr = cosine_lr(self.progress.step, self.cfg.optim)
         lam = self.objective.draw_lambda() if self.cfg.loss.mixes else None
         images = batch["image"].to(self.device, dtype=self.input_dtype, non_blocking=True)
         texts = batch["text"].to(self.device, non_blocking=True)
         terms = self.forward_backward_step(images, texts, lam)
-        self.step += 1
-        self.samples_seen += self.cfg.data.global_batch_size
+        if terms is not None:
+            self.optimizer_step(lr)
+        progress = self.progress
+        progress.step += 1
+        progress.samples_seen += self.cfg.data.global_batch_size
         if terms is None:
-            self.nonfinite_total += 1
-            self.nonfinite_in_row += 1
-            log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.nonfinite_in_row)
-            if self.nonfinite_in_row >= self.cfg.optim.max_nonfinite_steps:
+            progress.nonfinite_total += 1
+            progress.nonfinite_in_row += 1
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", progress.step, progress.nonfinite_in_row)
+            if progress.nonfinite_in_row >= self.cfg.optim.max_nonfinite_steps:
                 raise FloatingPointError(
-                    f"{self.nonfinite_in_row} consecutive steps had a NaN/inf loss (last at step {self.step}); "
+                    f"{progress.nonfinite_in_row} consecutive steps had a NaN/inf loss (last at step {progress.step}); "
                     "aborting. Lower optim.lr, check the data, or resume from an earlier checkpoint.")
             return None
-        self.nonfinite_in_row = 0
+        progress.nonfinite_in_row = 0
         terms["lr"] = torch.tensor(lr, device=self.device)
         return terms
-
-    # ---------------------------------------------------------------- state
-    def trainer_state(self) -> dict:
-        return {"step": self.step, "samples_seen": self.samples_seen, "skipped_samples": self.skipped_samples,
-                "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
-                "objective": self.objective.state_dict(), "world_size": self.world_size,
-                "config": to_dict(self.cfg), "code_version": code_version(),
-                "data": self.loader.dataset.order.state_dict()}
-
-    def save(self) -> Path:
-        return self.checkpoints.save(self.engine, self.step, self.trainer_state())
-
-    def load(self, path: Path) -> None:
-        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                    load_lr_scheduler_states=False)
-        state = CheckpointManager.load_trainer_state(path)
-        self.step, self.samples_seen = state["step"], state["samples_seen"]
-        self.skipped_samples, self.nonfinite_total = state["skipped_samples"], state["nonfinite_total"]
-        self.nonfinite_in_row = state["nonfinite_in_row"]
-        self.objective.load_state_dict(state["objective"])
-        self._resumed_data = state.get("data")  # checked against the rebuilt loader's order in _build_loader
-        rng = CheckpointManager.load_rng(path, self.rank)
-        if rng is not None:  # absent for ranks that did not exist in the saved run (elastic resume)
-            set_rng_state(rng)
-        if self.rank == 0:
-            log.info("resumed from %s at step %d", path, self.step)
 
     def evaluate(self) -> dict:
         """The light periodic evaluation. Every rank runs it: under ZeRO-3 a forward needs all of them."""
@@ -310,77 +288,90 @@ class Trainer:
             values /= self.world_size  # row-wise loss terms are rank shares that average to the global value
         values = values.tolist()  # one device-to-host copy for all terms
         record = dict(zip(names, values[:-1]))
-        self.skipped_samples += int(round(values[-1] * self.world_size))
-        record.update(step=self.step, samples_seen=self.samples_seen, samples_per_s=self.cfg.data.global_batch_size / step_s,
-                      data_wait_frac=wait_s / step_s, skipped_samples=self.skipped_samples)
+        progress = self.progress
+        progress.skipped_samples += int(round(values[-1] * self.world_size))
+        record.update(step=progress.step, samples_seen=progress.samples_seen,
+                      samples_per_s=self.cfg.data.global_batch_size / step_s, data_wait_frac=wait_s / step_s,
+                      skipped_samples=progress.skipped_samples)
+        return record
+
+    def _report(self, terms: dict, wait_s: float, step_s: float, bar) -> dict:
+        """Rank 0 writes the step's all-reduced loss terms (and the periodic evaluation) to metrics/TensorBoard."""
+        record = self._log(terms, wait_s, step_s)
+        every, step = self.cfg.logging.eval_every_steps, self.progress.step
+        if every and (step % every == 0 or step == self.cfg.optim.steps):
+            record.update(self.evaluate())
+        if self.metrics is not None:
+            self.metrics.write(record)
+        if bar is not None:
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("samples_per_s", "loss", *sorted(terms)) if k in record},
+                            refresh=False)
         return record
 
     def fit(self) -> dict:
-        cfg = self.cfg
+        """Train to optim.steps, or until a stop signal / run.stop_after_steps (checkpoint, EXIT_REQUEUE)."""
+        cfg, progress = self.cfg, self.progress
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(signum, self._request_stop)
         bar = None
         if self.rank == 0 and cfg.logging.progress_bar:
             from tqdm import tqdm
-            bar = tqdm(total=cfg.optim.steps, initial=self.step, desc="train", dynamic_ncols=True)
+            bar = self._closing.enter_context(tqdm(total=cfg.optim.steps, initial=progress.step, desc="train",
+                                                   dynamic_ncols=True))
         # A run resumed from a checkpoint already holds a checkpoint at its current step.
         last, exit_code, steps_here = {}, EXIT_OK, 0
-        saved_at = self.step if self.step > 0 else -1
+        saved_at = progress.step if progress.step > 0 else -1
         self.engine.train()
         batches = iter(self.loader)
-        while self.step < cfg.optim.steps:
+        while progress.step < cfg.optim.steps:
             t0 = time.perf_counter()
             batch = next(batches)
             wait_s = time.perf_counter() - t0
             if self.keys_file is not None:
-                self.keys_file.write(json.dumps({"step": self.step, "keys": batch["keys"]}) + "\n")
-                self.keys_file.flush()
+                self.keys_file.write(progress.step, batch["keys"])
             self._pending_skipped += batch["skipped"]
             terms = self.train_step(batch)
             steps_here += 1
-            if terms is not None and (self.step % cfg.logging.every_steps == 0 or self.step == cfg.optim.steps):
-                last = self._log(terms, wait_s, time.perf_counter() - t0)
-                every = cfg.logging.eval_every_steps
-                if every and (self.step % every == 0 or self.step == cfg.optim.steps):
-                    last.update(self.evaluate())
-                if self.metrics is not None:
-                    self.metrics.write(last)
-                if bar is not None:
-                    bar.set_postfix({k: f"{last[k]:.4g}" for k in ("samples_per_s", "loss", *sorted(terms)) if k in last},
-                                    refresh=False)
+            if terms is not None and (progress.step % cfg.logging.every_steps == 0 or progress.step == cfg.optim.steps):
+                last = self._report(terms, wait_s, time.perf_counter() - t0, bar)
             if bar is not None:
                 bar.update(1)
-            if self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.optim.steps:
-                self.save()
-                saved_at = self.step
-            if self.step < cfg.optim.steps and self._stop_agreed(steps_here):
-                if saved_at != self.step:
+            if progress.step % cfg.checkpoint.every_steps == 0 and progress.step < cfg.optim.steps:
+                saved_at = self.save()
+            if progress.step < cfg.optim.steps and self._stop_agreed(steps_here):
+                if saved_at != progress.step:
                     self.save()
                 exit_code = EXIT_REQUEUE
                 break
         else:
-            if saved_at != self.step:
-                self.save()
-            if cfg.checkpoint.export:
-                export_engine(self.engine, self.run_dir / "export", cfg, self.rank, self.step)
-        if bar is not None:
-            bar.close()
-        self.close()
-        return {"step": self.step, "exit_code": exit_code, "run_dir": str(self.run_dir),
-                "last": {k: v for k, v in last.items()}, "skipped_samples": self.skipped_samples,
-                "nonfinite_steps": self.nonfinite_total}
+            self._finish(saved_at)
+        return {"step": progress.step, "exit_code": exit_code, "run_dir": str(self.run_dir), "last": dict(last),
+                "skipped_samples": progress.skipped_samples, "nonfinite_steps": progress.nonfinite_total}
+
+    def save(self) -> int:
+        """A checkpoint of the engine and every registered component at the current step; returns the step."""
+        self.checkpoints.save(self.progress.step)
+        return self.progress.step
+
+    def _finish(self, saved_at: int) -> None:
+        if saved_at != self.progress.step:
+            self.save()
+        if self.cfg.checkpoint.export:
+            export_engine(self.engine, self.run_dir / "export", self.cfg, self.rank, self.progress.step)
 
     def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.keys_file is not None:
-            self.keys_file.close()
-        del self.loader  # stops DataLoader workers before the process group goes away
+        """Stop loader workers, close the progress bar and writers (idempotent; any exit path)."""
+        self._closing.close()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train", description="DeepSpeed ZeRO CLIP/CyCLIP/m2-Mix trainer")
     parser.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only check the config, dataset, resume checkpoint and pretrained weights for "
+                             "--world-size ranks (no model, no DeepSpeed), then exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: the rank count to check for (default: the launcher's, else 1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.steps=100 zero.stage=2")
     return parser.parse_args(argv)
 
@@ -388,12 +379,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> dict:
     """Run a whole training in this process (any launcher) and return its summary.
 
-    The summary's ``exit_code`` is EXIT_REQUEUE when the run stopped early on a signal after
-    checkpointing; ``python -m train`` exits with it.
+    Raises ConfigError for a user mistake, found before DeepSpeed starts (``train.preflight``) where it can
+    be. The summary's ``exit_code`` is EXIT_REQUEUE when the run stopped early on a signal after
+    checkpointing; ``python -m train`` exits with it. The process group stays up (a driver may run
+    several trainings in one process); ``python -m train`` takes it down on exit.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed calls torch collectives that torch has renamed; the warning is theirs, once per call.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     args = parse_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    return Trainer(cfg).fit()
+    world_size = args.world_size if args.dry_run and args.world_size else int(discover_launcher_env()["WORLD_SIZE"])
+    preflight(cfg, world_size)
+    if args.dry_run:
+        return {"step": 0, "exit_code": EXIT_OK, "run_dir": cfg.run.run_dir, "last": {}, "dry_run": True}
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
