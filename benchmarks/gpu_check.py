@@ -76,6 +76,8 @@ def _train(args: list[str], env: dict, log: Path, kill_during_save_at: int | Non
 
 def resume_check(tmp: Path, data: Path, s: dict) -> dict:
     """Uninterrupted vs killed-and-resumed tiny_vit bf16 runs; max relative difference of the last steps."""
+    from common.jobs import resume_overrides
+
     env = dict(_env(s["threads"]), MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     base = ["--config", str(ROOT / "configs" / "pretrain_cyclip.yaml"), f"data.path={data}", "zero.precision=bf16",
             "data.global_batch_size=64", f"optim.steps={s['tiny_steps']}", "optim.warmup_steps=2",
@@ -83,7 +85,7 @@ def resume_check(tmp: Path, data: Path, s: dict) -> dict:
     runs = {}
     for name in ("uninterrupted", "resumed"):
         run_dir = tmp / f"tiny_{name}"
-        args = base + [f"run.run_dir={run_dir}", "run.resume=latest"]
+        args = resume_overrides(base + [f"run.run_dir={run_dir}"], restarted=True)
         if name == "resumed":
             code = _train(args, dict(env, MASTER_PORT=str(_free_port())), tmp / f"{name}.log",
                           kill_during_save_at=s["tiny_steps"])

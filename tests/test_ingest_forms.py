@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import os
+import subprocess
+import sys
 import typing
 from email.utils import formatdate
 from pathlib import Path
@@ -25,6 +28,7 @@ from pipeline.settings import IngestConfig
 from tests.ingest_helpers import deep_png, exif_oriented, upright_image
 
 BOM = b"\xef\xbb\xbf"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _normalize(path: Path, tmp: Path, **input_cfg) -> tuple[dict, pa.Table]:
@@ -337,7 +341,17 @@ def test_rerun_with_changed_settings_is_refused_but_speed_knobs_may_change(tmp_p
 
     out = tmp_path / "out"
     first = argparse.Namespace(config=None, overrides=["download.image_size=32", "download.resize_mode=no"])
+    # Before any input part is normalised nothing depends on the settings: a fix is accepted in the same OUT.
+    assert resolve_config(argparse.Namespace(config=None, overrides=["download.image_size=48"]), out) \
+        .download.image_size == 48
     assert resolve_config(first, out).download.image_size == 32
+    # Normalise the input for real (`python -m pipeline parts`); from now on the settings are the folder's.
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a picture of a cat\n")
+    done = subprocess.run([sys.executable, "-m", "pipeline", "parts", "--urls", str(urls), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+    assert done.returncode == 0 and list((out / "_work" / "input").glob("part-*.json")), done.stderr
     same = argparse.Namespace(config=None, overrides=["download.image_size=32", "download.resize_mode=no",
                                                       "workers=1", "download.thread_count=4"])
     assert resolve_config(same, out).download.thread_count == 4
