@@ -11,13 +11,14 @@ import io
 import json
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from common.shard_folder import Manifest, ShardInfo, SplitInfo, write_manifest
+from common.shard_folder import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a photo of the digit {}.", "a handwritten {}.", "the number {}, written by hand.",
@@ -87,3 +88,25 @@ def corrupt_copy(folder: Path, dest: Path) -> Path:
     shard1 = dest / "train" / "000001.tar"
     shard1.write_bytes(shard1.read_bytes()[: shard1.stat().st_size // 3])
     return dest
+
+
+def readable_keys(folder: Path, split: str = "train") -> set:
+    """Reference: keys whose image and caption read and decode, by plain tarfile + PIL."""
+    good = set()
+    for path in read_manifest(folder).shard_paths(split):
+        members = {}
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    key, ext = m.name.split(".", 1)
+                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        except (tarfile.TarError, OSError, EOFError):
+            pass  # truncated: keep what was read before the cut
+        for key, parts in members.items():
+            try:
+                Image.open(io.BytesIO(parts["jpg"])).convert("RGB")
+                if parts["txt"].decode().strip():
+                    good.add(key)
+            except Exception:
+                continue
+    return good

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from common.shard_folder import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
-from tests.data_fixtures import corrupt_copy, make_digits_dataset
+from tests.data_fixtures import corrupt_copy, make_digits_dataset, readable_keys
 from train import data as data_lib
 from train.config import DataConfig
 from train.model import ModelConfig, build_model
@@ -110,28 +110,6 @@ def test_resume_at_any_step_on_other_ranks_and_workers_continues_the_same_order(
         for i, a in enumerate(reference[start:]):
             assert a["keys"] == [k for r in range(world) for k in resumed[r][i]["keys"]], (start, world)
             assert torch.equal(a["image"], torch.cat([resumed[r][i]["image"] for r in range(world)]))
-
-
-def readable_keys(folder: Path, split: str = "train") -> set:
-    """Reference: keys whose image and caption read and decode, by plain tarfile + PIL."""
-    good = set()
-    for path in read_manifest(folder).shard_paths(split):
-        members = {}
-        try:
-            with tarfile.open(path) as tar:
-                for m in tar:
-                    key, ext = m.name.split(".", 1)
-                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        except (tarfile.TarError, OSError, EOFError):
-            pass  # truncated: keep what was read before the cut
-        for key, parts in members.items():
-            try:
-                Image.open(io.BytesIO(parts["jpg"])).convert("RGB")
-                if parts["txt"].decode().strip():
-                    good.add(key)
-            except Exception:
-                continue
-    return good
 
 
 def test_corrupt_samples_and_a_truncated_shard_are_skipped_counted_and_batches_stay_full(digits, tiny, tmp_path):

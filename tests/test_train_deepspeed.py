@@ -226,7 +226,7 @@ def test_kill_during_checkpoint_save_leaves_previous_loadable(runs):
 def test_finetune_from_export_on_a_corrupt_shard(runs, tmp_path):
     import open_clip
 
-    from tests.test_loader import readable_keys
+    from tests.data_fixtures import readable_keys
     from train.config import DataConfig
     from train.data import build_loader
     from train.export import export_checkpoint
