@@ -89,7 +89,7 @@ class ZeroConfig:
     --precision amp_bf16). 'weights' = DeepSpeed's bf16 section: bf16 weights, activations and gradients,
     fp32 master weights and Adam state (less memory; the trainer casts images to bf16). autocast is the
     default because the CyCLIP terms, differences of similarities, lose their precision when the features
-    themselves are bf16: first-step C_cross 44% off fp32 with bf16 weights, 1.6% with autocast (README)."""
+    themselves are bf16: first-step C_cross 44% off fp32 with bf16 weights, 1.6% with autocast (docs/TRAINING.md)."""
     overlap_comm: bool = False
     """Overlap gradient reduction with backward (worth it on GPU)."""
     reduce_bucket_size: int = 50_000_000
