@@ -25,13 +25,36 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
-def _merge(base, update, source: str):
+def _merge(base, update, source: str, fallback_key: str = "?"):
+    """OmegaConf.merge with its errors as one ConfigError naming the key. OmegaConf names no key
+    when a section is set to a scalar or a list; then the top-level key of ``update`` that fails
+    alone is named (or ``fallback_key``)."""
     try:
         return OmegaConf.merge(base, update)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    except (OmegaConfBaseException, ValueError, TypeError) as err:  # TypeError: a list field given a mapping
+        key = getattr(err, "full_key", None) or _failing_key(base, update) or fallback_key
         msg = str(err).splitlines()[0]
+        if msg.startswith("Merge error:"):
+            msg = f"'{key}' is a config section: set its fields ({key}.<field>=...), not the section ({msg})"
+        elif "incompatible container" in msg:
+            msg = f"a mapping given where the schema has a list, or the reverse ({msg})"
         raise ConfigError(f"{source}: bad config key '{key}': {msg}") from None
+
+
+def _failing_key(base, update, prefix: Tuple = ()) -> str | None:
+    """The deepest dotted key of ``update`` whose merge into ``base`` fails alone."""
+    if not OmegaConf.is_dict(update):
+        return None
+    for key in update:
+        def nested(value, path=prefix + (key,)):
+            for part in reversed(path):
+                value = {part: value}
+            return value
+        try:
+            OmegaConf.merge(base, nested(update[key]))
+        except Exception:
+            return _failing_key(base, update[key], prefix + (key,)) or ".".join(map(str, prefix + (key,)))
+    return None
 
 
 def _scalar_texts(node, prefix: Tuple = ()) -> Dict[Tuple, str]:
@@ -89,6 +112,35 @@ def _override_texts(overrides) -> Dict[Tuple, str]:
     return texts
 
 
+def _parse_override(item: str):
+    """One ``key=value`` override as a DictConfig; ConfigError naming the override if it is not one."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, raw = item.split("=", 1)
+    parts = key.split(".")
+    if not key.strip() or any(not p or p != p.strip() or any(c.isspace() for c in p) for p in parts):
+        raise ConfigError(f"override '{item}': bad key '{key}' (dotted names without spaces or empty "
+                          "parts, e.g. optim.lr=0.001)")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except Exception as err:  # yaml's ParserError/ScannerError and OmegaConf's own: the value does not parse
+        problem = " ".join(str(err).split("\n")[0].split())
+        raise ConfigError(f"override '{item}': cannot parse the value of '{key}' ({problem}); "
+                          "quote it if it is meant as a string, or close its brackets/quotes") from None
+
+
+def _apply_override(schema, cfg, item: str):
+    one = _parse_override(item)
+    key = item.split("=", 1)[0]
+    try:
+        update = _as_written(schema, one, _override_texts([item]), "command line")
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, ValueError, TypeError) as err:
+        raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from None
+    return _merge(cfg, update, f"command line (override '{item}')", fallback_key=key)
+
+
 def load_config(schema: Type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Build ``schema`` from its defaults, then ``path`` (YAML), then ``key=value`` overrides.
 
@@ -109,17 +161,8 @@ def load_config(schema: Type[T], path: str | Path | None = None, overrides: Iter
             raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
         if loaded:
             cfg = _merge(cfg, _as_written(schema, loaded, texts, str(path)), str(path))
-    overrides = list(overrides)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-    if overrides:
-        try:
-            dotlist = OmegaConf.from_dotlist(overrides)
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"command line: cannot parse overrides {overrides}: {err}") from None
-        cfg = _merge(cfg, _as_written(schema, dotlist, _override_texts(overrides), "command line"),
-                     "command line")
+        cfg = _apply_override(schema, cfg, item)
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:

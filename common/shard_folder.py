@@ -137,14 +137,52 @@ def read_manifest(folder: str | os.PathLike, storage_options: Optional[dict] = N
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a finished dataset folder (run `make shards` first)")
         text = path.read_text()
-    raw = json.loads(text)
+    return _parse_manifest(text, path, root)
+
+
+class ManifestError(ValueError):
+    """manifest.json exists but is not a manifest (not JSON, wrong shape, missing keys); names the file."""
+
+
+def _parse_manifest(text: str, path, root) -> Manifest:
+    """Check the manifest's shape before use: a damaged file is one ManifestError naming what is wrong,
+    never an AttributeError/KeyError deep in a reader."""
+    def bad(what: str) -> ManifestError:
+        return ManifestError(f"{path}: not a valid manifest: {what} (rebuild the dataset with `make shards`)")
+
+    try:
+        raw = json.loads(text)
+    except ValueError as err:  # also a truncated file
+        raise bad(f"not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise bad(f"expected a JSON object, got {type(raw).__name__}")
     if raw.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported manifest version {raw.get('version')!r}")
-    splits = {
-        name: SplitInfo(shards=[ShardInfo(**s) for s in info["shards"]], wids_index=info.get("wids_index", ""))
-        for name, info in raw["splits"].items()
-    }
-    fields = {"image": "jpg", "caption": "txt", "metadata": "json", **raw.get("fields", {})}
+        raise bad(f"unsupported manifest version {raw.get('version')!r} (this reader knows {FORMAT_VERSION})")
+    if not isinstance(raw.get("splits"), dict):
+        raise bad(f"'splits' must be an object of split name -> shards, got {raw.get('splits')!r:.60}")
+    fields = raw.get("fields", {})
+    if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+        raise bad(f"'fields' must be an object of strings, got {fields!r:.60}")
+    if not isinstance(raw.get("seed", 0), int):
+        raise bad(f"'seed' must be an integer, got {raw.get('seed')!r:.60}")
+    splits = {}
+    for name, info in raw["splits"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise bad(f"split '{name}' must be an object with a 'shards' list")
+        shards = []
+        for i, s in enumerate(info["shards"]):
+            if not isinstance(s, dict) or not isinstance(s.get("path"), str) or not s["path"] \
+                    or type(s.get("num_samples")) is not int or s["num_samples"] < 0:
+                raise bad(f"split '{name}' shard {i} needs a 'path' string and a 'num_samples' integer >= 0, "
+                          f"got {s!r:.80}")
+            unknown = set(s) - set(ShardInfo.__dataclass_fields__)
+            if unknown or not all(isinstance(s.get(k, ""), str) for k in ("sha256", "image_ext", "sample_hash", "index")):
+                raise bad(f"split '{name}' shard {i} has unknown or non-string keys {sorted(unknown) or s!r:.80}")
+            shards.append(ShardInfo(**s))
+        if not isinstance(info.get("wids_index", ""), str):
+            raise bad(f"split '{name}': 'wids_index' must be a path string")
+        splits[name] = SplitInfo(shards=shards, wids_index=info.get("wids_index", ""))
+    fields = {"image": "jpg", "caption": "txt", "metadata": "json", **fields}
     return Manifest(splits=splits, fields=fields, seed=raw.get("seed", 0), version=raw["version"], root=str(root))
 
 

@@ -34,6 +34,7 @@ from common.config_loader import ConfigError, load_config, to_yaml  # noqa: E402
 from common.atomic_files import atomic_write_text  # noqa: E402
 from pipeline.read_input import InputError, list_input_files  # noqa: E402
 from pipeline.settings import IngestConfig  # noqa: E402
+from pipeline.summary import EmptyDatasetError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "configs" / "shards_demo.yaml"
@@ -156,13 +157,16 @@ def main(argv=None) -> int:
 
 
 # What a user can cause and fix: one line, no traceback. Anything else is a bug and shows one.
-USER_ERRORS = (ConfigError, InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+USER_ERRORS = (ConfigError, InputError, EmptyDatasetError, FileNotFoundError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
 
 
 def dispatch(args) -> int | None:
     if args.command == "serve":
         from pipeline.http_server import LoopbackServer
+
+        if not Path(args.folder).is_dir():
+            raise InputError(f"serve {args.folder}: no such folder")
 
         with LoopbackServer(args.folder, port=args.port) as server:
             print(f"serving {args.folder} at {server.base_url} (Ctrl-C stops)")
@@ -196,12 +200,10 @@ def dispatch(args) -> int | None:
         n = len(stages.registered_parts(work))
         if args.partition is None:
             stages.run_dedup(n, cfg, work)
-        elif args.dedup_pass == "url":  # all scatters must be done (they run in `part`)
-            stages.reduce_url(args.partition, n, cfg, work)
-        elif args.dedup_pass == "content":
-            stages.reduce_content(args.partition, cfg, work)
+        elif args.dedup_pass is None:
+            raise InputError("dedup --partition needs --pass url|content (all url partitions before any content one)")
         else:
-            raise SystemExit("dedup --partition needs --pass url|content")
+            stages.dedup_partition(args.partition, args.dedup_pass, n, cfg, work)
     elif args.command == "reshard":
         stages.run_reshard(cfg, work, out, only=args.partition)
     elif args.command == "finalize":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -22,7 +23,7 @@ from common.atomic_files import atomic_write_text
 from pipeline.read_input import InputError, list_input_files, normalize_part
 from pipeline.reshard import plan, reshard_partition
 from pipeline.settings import IngestConfig
-from pipeline.summary import finalize, format_summary
+from pipeline.summary import check_not_empty, finalize, format_summary
 
 log = logging.getLogger("pipeline")
 
@@ -128,8 +129,36 @@ def run_filter(n_parts: int, cfg: IngestConfig, work: Path) -> list:
     return _each("filter", _Unit(filter_part, cfg, work), range(n_parts), workers)
 
 
+def _require(work: Path, stage_dir: str, n: int, pattern: str, command: str, note: str = "") -> None:
+    """Refuse to start a stage before the one it reads from has written all its markers."""
+    missing = [i for i in range(n) if not (work / stage_dir / pattern.format(i)).exists()]
+    if missing:
+        raise InputError(f"{work}: {len(missing)} of {n} '{stage_dir}' units not finished (first: "
+                         f"{pattern.format(missing[0])}): run `python -m pipeline {command}`{note} on this folder first")
+
+
+def _check_partition(q: int | None, cfg: IngestConfig) -> None:
+    if q is not None and not 0 <= q < cfg.dedup.partitions:
+        raise InputError(f"--partition {q} is out of range: dedup.partitions is {cfg.dedup.partitions}, "
+                         f"so 0..{cfg.dedup.partitions - 1}")
+
+
+def dedup_partition(q: int, dedup_pass: str, n_parts: int, cfg: IngestConfig, work: Path) -> Dict:
+    """One partition of one dedup pass (a SLURM array task): every url partition needs all parts'
+    scatters (done by `part`), every content partition needs all url partitions."""
+    _check_partition(q, cfg)
+    if dedup_pass == "url":
+        _require(work, "dedup/by_url", n_parts, "_scattered-{:05d}.json", "part --index I", " for every part")
+        return reduce_url(q, n_parts, cfg, work)
+    _require(work, "dedup/by_url", cfg.dedup.partitions, "_reduced-p{:04d}.json",
+             "dedup --pass url --partition P",
+             " for every partition")
+    return reduce_content(q, cfg, work)
+
+
 def run_dedup(n_parts: int, cfg: IngestConfig, work: Path) -> None:
     P = cfg.dedup.partitions
+    _require(work, "filter", n_parts, "part-{:05d}.json", "part --index I", " for every part (or `run`)")
     workers = _workers_for(cfg, work, "filter", "kept")
     _each("scatter", _Unit(scatter_part, cfg, work), range(n_parts), workers)
     _each("dedup-url2", _Unit(reduce_url, n_parts, cfg, work), range(P), workers)
@@ -137,8 +166,9 @@ def run_dedup(n_parts: int, cfg: IngestConfig, work: Path) -> None:
 
 
 def run_reshard(cfg: IngestConfig, work: Path, out: Path, only: int | None = None) -> None:
+    _check_partition(only, cfg)
     P = cfg.dedup.partitions
-    missing = [q for q in range(P) if not (work / "dedup" / "final" / f"q{q:04d}.parquet").exists()]
+    missing = [q for q in range(P) if not (work / "dedup" / "final" / f"q{q:04d}.json").exists()]
     if missing:
         raise InputError(f"{work}: {len(missing)} of {P} dedup partitions not finished (first: {missing[0]}): "
                          "run `python -m pipeline dedup` (or `global`) on this folder first")
@@ -159,8 +189,13 @@ def run_part(i: int, files: List[Path], cfg: IngestConfig, work: Path) -> None:
 
 
 def run_finalize(n_parts: int, cfg: IngestConfig, work: Path, out: Path) -> Dict:
+    _require(work, "filter", n_parts, "part-{:05d}.json", "part --index I", " for every part (or `run`)")
+    _require(work, "reshard", cfg.dedup.partitions, "q{:04d}.json", "reshard", " (or `global`)")
     summary = finalize(n_parts, cfg, work, out)
     print(format_summary(summary))
+    warning = check_not_empty(summary, out, cfg.reshard.train_split)  # raises when nothing was written
+    if warning:
+        print(warning, file=sys.stderr)
     return summary
 
 

@@ -181,5 +181,43 @@ class IngestConfig:
             if missing or len(set(self.input.columns)) != len(self.input.columns):
                 raise ConfigError(f"input.columns {self.input.columns} must name each column once and include "
                                   f"input.url_col / caption_col / keep_columns (missing: {missing})")
-        if self.download.retries < 0 or self.download.retry_after_cap < 0 or self.download.backoff_seconds < 0:
-            raise ConfigError("download.retries, retry_after_cap and backoff_seconds must be >= 0")
+        self._check_bounds()
+        r = self.reshard
+        for key, name in (("reshard.train_split", r.train_split), ("reshard.val_split", r.val_split)):
+            if not name.strip() or "/" in name or name != name.strip():
+                raise ConfigError(f"{key} must be a non-empty folder name without '/' or spaces, got '{name}'")
+        if r.train_split == r.val_split:
+            raise ConfigError(f"reshard.train_split and reshard.val_split must differ, both are '{r.train_split}'")
+
+    def _check_bounds(self) -> None:
+        """Numbers no one can mean: each would make every row fail (image_size=0 turned all rows
+        into other_error) or crash a stage later. One line naming the key."""
+        d, c, im = self.download, self.captions, self.images
+        bounds = [  # (key, value, lowest allowed, strict: value must be above it)
+            ("workers", self.workers, 1, False),
+            ("input.csv_block_bytes", self.input.csv_block_bytes, 1, False),
+            ("captions.min_chars", c.min_chars, 0, False),
+            ("captions.max_chars", c.max_chars, max(c.min_chars, 1), False),
+            ("download.image_size", d.image_size, 1, False),
+            ("download.processes_count", d.processes_count, 1, False),
+            ("download.thread_count", d.thread_count, 1, False),
+            ("download.timeout", d.timeout, 0, True),
+            ("download.retries", d.retries, 0, False),
+            ("download.retry_after_cap", d.retry_after_cap, 0, False),
+            ("download.backoff_seconds", d.backoff_seconds, 0, False),
+            ("download.number_sample_per_shard", d.number_sample_per_shard, 1, False),
+            ("download.max_decode_pixels", d.max_decode_pixels, 0, True),
+            ("images.min_side", im.min_side, 0, False),
+            ("images.max_aspect_ratio", im.max_aspect_ratio, 1, False),
+            ("reshard.seed", self.reshard.seed, 0, False),  # numpy's seed sequence takes no negative entry
+        ]
+        for key, value, low, strict in bounds:
+            if math.isnan(value) or (value <= low if strict else value < low):
+                rule = f"> {low}" if strict else f">= {low}"
+                if key == "captions.max_chars" and low > 1:
+                    rule += " (captions.min_chars)"
+                raise ConfigError(f"{key} must be {rule}, got {value}")
+        for key, value in (("download.retry_after_cap", d.retry_after_cap), ("download.backoff_seconds",
+                                                                             d.backoff_seconds)):
+            if math.isinf(value):
+                raise ConfigError(f"{key} must be finite, got {value}")

@@ -13,6 +13,11 @@ from common.atomic_files import atomic_write_text
 from pipeline.settings import IngestConfig
 
 
+class EmptyDatasetError(RuntimeError):
+    """The run finished and accounted for every row, but wrote no sample: a user-level failure (dead
+    URLs, rules that reject everything), reported as one line; summary.json and the manifest stay."""
+
+
 class AccountingError(RuntimeError):
     """input_rows != written + failed + filtered + duplicates: a bug, never silently accepted."""
 
@@ -86,3 +91,24 @@ def format_summary(summary: Dict) -> str:
         lines.append(f"{'(kept, repaired: ' + reason + ')':<34}{n:>12,}")
     rule = "-" * 46
     return "\n".join([rule, *lines, rule])
+
+
+def top_reason(summary: Dict) -> tuple[str, int] | None:
+    """The most frequent reason a row was not written: ("failed: http_404", count), or None."""
+    reasons = {f"{group}: {r}": n for group in ("failed", "filtered") for r, n in summary[group].items()}
+    reasons.update({f"duplicates: {k}": n for k, n in summary["duplicates_by"].items()})
+    reasons = {k: n for k, n in reasons.items() if n}
+    return max(reasons.items(), key=lambda kv: kv[1]) if reasons else None
+
+
+def check_not_empty(summary: Dict, out: Path, train_split: str) -> str | None:
+    """EmptyDatasetError when no sample was written; a warning line (returned) when only the main
+    split is empty; None when all is well."""
+    top = top_reason(summary)
+    why = f"top reason {top[0]} ({top[1]:,} of {summary['input_rows']:,} rows)" if top else "no input rows"
+    if summary["written"] == 0:
+        raise EmptyDatasetError(f"{out}: 0 samples written, the dataset is unusable; {why}; "
+                                f"counts in {out / 'summary.json'}")
+    if not summary["written_by_split"].get(train_split):
+        return f"warning: split '{train_split}' is empty ({why}); counts in {out / 'summary.json'}"
+    return None

@@ -11,7 +11,12 @@
 # the limit; the trainer checkpoints at the next step boundary and exits with common.jobs.EXIT_REQUEUE;
 # then this script requeues the job, which restarts with run.resume=latest (common.jobs' resume rule).
 set -uo pipefail
-PYTHON=${PYTHON:-python}
+# The project's python (slurm/shards.sh uses the same rule): $PYTHON if set (sbatch passes the submitting
+# shell's environment on), else the venv that `make setup` built in the submit folder, else `python` on PATH.
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python
+  [ -x "${SLURM_SUBMIT_DIR:-.}/.venv/bin/python" ] && PYTHON=${SLURM_SUBMIT_DIR:-.}/.venv/bin/python
+fi
 
 # run_training DEFAULT_CONFIG [CONFIG] [key=value ...]
 run_training() {
@@ -23,16 +28,21 @@ run_training() {
   local log_dir=${LOG_ROOT:-$SLURM_SUBMIT_DIR/logs}/${SLURM_JOB_NAME:-train}-${SLURM_JOB_ID}
   mkdir -p "$log_dir"
   echo "logs: $log_dir (restart ${SLURM_RESTART_COUNT:-0})"
-  exec >>"$log_dir/batch.log" 2>&1
 
   # The requeue exit code, the resume rule and the stale launcher variables are defined once, in
   # common/jobs.py. NUL-separated arguments: an override may hold spaces, quotes or newlines.
+  # Asked before output moves to batch.log, so a python without the project fails in the job's .out file.
   local exit_requeue="" stale="" args=()
   exit_requeue=$("$PYTHON" -m common.jobs exit-requeue) && stale=$("$PYTHON" -m common.jobs launcher-vars) \
     && mapfile -d '' args < <("$PYTHON" -m common.jobs train-args "${SLURM_RESTART_COUNT:-0}" "$@")
   if [ -z "$exit_requeue" ] || [ "${#args[@]}" -eq 0 ]; then
-    echo "$PYTHON -m common.jobs failed: set PYTHON to the project's python (e.g. .venv/bin/python)"; return 70
+    local msg="error: PYTHON=$PYTHON cannot run the project (\`$PYTHON -m common.jobs\` failed): submit with"
+    msg+=" PYTHON=/path/to/clip-pipeline/.venv/bin/python sbatch ..., or activate the project's venv first"
+    echo "$msg" >&2
+    echo "$msg" >>"$log_dir/batch.log"
+    return 70
   fi
+  exec >>"$log_dir/batch.log" 2>&1
   # Ranks and rendezvous come from this job (submitit's SLURM job environment), never from the shell
   # that ran sbatch (it passes its environment on).
   # shellcheck disable=SC2086

@@ -21,7 +21,16 @@ else
   echo "submit with: sbatch $0 --urls ... --out ... [key=value ...]" >&2; exit 64
 fi
 cd "${SLURM_SUBMIT_DIR:-.}"
-PYTHON=${PYTHON:-.venv/bin/python}
+# The project's python, the same rule as slurm/_common.sh: $PYTHON, else the submit folder's venv, else python.
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python
+  [ -x .venv/bin/python ] && PYTHON=$PWD/.venv/bin/python
+fi
+if ! "$PYTHON" -c "import pipeline" 2>/dev/null; then
+  echo "error: PYTHON=$PYTHON cannot import the project's pipeline package: submit with" \
+       "PYTHON=/path/to/clip-pipeline/.venv/bin/python sbatch ..., or activate the project's venv first" >&2
+  exit 70
+fi
 export NO_ALBUMENTATIONS_UPDATE=1   # albumentations (via img2dataset) phones PyPI at import otherwise
 log_dir=${LOG_ROOT:-$PWD/logs}/${SLURM_JOB_NAME:-clip-shards}-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}
 mkdir -p "$log_dir"

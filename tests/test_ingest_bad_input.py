@@ -170,3 +170,51 @@ def test_pipeline_user_errors_are_one_line(tmp_path):
                            f"URLS={tmp_path}/nope.csv", f"OUT={tmp_path}/h"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     _one_line_error(done, "no such file", "make shards")
+
+
+def test_stages_out_of_order_say_what_to_run_first(tmp_path):
+    """After only `parts`, every later stage names the stage to run first (one line, exit 2); a
+    --partition outside 0..P-1 names the range; a run that writes 0 samples is an error line naming
+    the top reason (exit 2), with summary.json kept."""
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a caption\n")    # nothing listens on port 9
+    started = str(tmp_path / "started")
+    run_pipeline("parts", "--urls", str(urls), "--out", started)
+    cases = {
+        "finalize after parts": (["finalize", "--out", started], "run `python -m pipeline part --index I`"),
+        "global after parts": (["global", "--out", started], "run `python -m pipeline part --index I`"),
+        "dedup after parts": (["dedup", "--out", started], "run `python -m pipeline part --index I`"),
+        "url pass before part": (["dedup", "--out", started, "--pass", "url", "--partition", "0"],
+                                 "run `python -m pipeline part --index I`"),
+        "content pass before url pass": (["dedup", "--out", started, "--pass", "content", "--partition", "0"],
+                                         "run `python -m pipeline dedup --pass url --partition P`"),
+        "dedup partition too big": (["dedup", "--out", started, "--pass", "url", "--partition", "99"],
+                                    "--partition 99 is out of range: dedup.partitions is 16, so 0..15"),
+        "dedup partition negative": (["dedup", "--out", started, "--pass", "content", "--partition", "-1"],
+                                     "0..15"),
+        "dedup partition without pass": (["dedup", "--out", started, "--partition", "3"], "needs --pass"),
+        "reshard partition too big": (["reshard", "--out", started, "--partition", "16"], "0..15"),
+        "image_size 0": (["run", "--urls", str(urls), "--out", str(tmp_path / "a"), "download.image_size=0"],
+                         "download.image_size must be >= 1, got 0"),
+        "malformed override": (["run", "--urls", str(urls), "--out", str(tmp_path / "b"), "input.columns=[url"],
+                               "override 'input.columns=[url': cannot parse"),
+        "section set to a scalar": (["run", "--urls", str(urls), "--out", str(tmp_path / "c"), "download=3"],
+                                    "bad config key 'download'"),
+        "serve a missing folder": (["serve", str(tmp_path / "nope")], "no such folder"),
+    }
+    with ThreadPoolExecutor(3) as pool:
+        empty = pool.submit(run_pipeline_raw, "run", "--urls", str(urls), "--out", str(tmp_path / "empty"),
+                            "download.timeout=2")
+        results = dict(zip(cases, pool.map(lambda c: run_pipeline_raw(*c[0]), cases.values())))
+        empty = empty.result()
+    for case, proc in results.items():
+        _one_line_error(proc, cases[case][1], case)
+        assert proc.returncode == 2, (case, proc.returncode)
+    # The empty run logs its stages on stderr; its last line is the error.
+    last = empty.stderr.strip().splitlines()[-1]
+    assert empty.returncode == 2 and "Traceback" not in empty.stderr, empty.stderr
+    assert last.startswith("error: ") and "0 samples written, the dataset is unusable; top reason failed: " \
+        "connection_refused (1 of 1 rows)" in last, last
+    summary = json.loads((tmp_path / "empty" / "summary.json").read_text())
+    assert summary["written"] == 0 and summary["failed"] == {"connection_refused": 1}
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

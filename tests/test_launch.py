@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -175,3 +176,65 @@ def test_sweep_of_the_trainer_over_cyclip_lambda_completes_both_points(slurm_clu
     assert weight == 0.25 * 512 / 16
     for m in metrics:
         assert m["cyclip_in"] > 0 and math.isclose(m["loss"], m["clip"] + weight * m["cyclip_in"], rel_tol=1e-5)
+
+
+# --- config mistakes stop before sbatch -------------------------------------------------------
+
+FAKE_SBATCH = """#!/bin/sh
+# A stand-in for sbatch (a mock: no cluster in this test): records that it was called, answers like sbatch.
+echo "$@" >> "{marker}"
+echo "Submitted batch job 4242"
+"""
+
+
+def launch_cli(tmp_path, *args):
+    """`python -m train.launch` with a fake sbatch first on PATH; returns (result, whether sbatch ran)."""
+    bin_dir, marker = tmp_path / "bin", tmp_path / "sbatch_called"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(marker=marker))
+    (bin_dir / "sbatch").chmod(0o755)
+    marker.unlink(missing_ok=True)
+    out = subprocess.run([sys.executable, "-m", "train.launch", "--folder", str(tmp_path / "s"), *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    return out, marker.exists()
+
+
+def test_cli_config_mistakes_fail_in_one_line_before_sbatch(tmp_path):
+    from tests.data_fixtures import make_digits_dataset
+
+    data = make_digits_dataset(tmp_path / "ds", n_train=64, n_val=16, shard_size=32)
+    base = ["--config", "configs/pretrain_cyclip.yaml", f"data.path={data}", "data.global_batch_size=16",
+            f"run.run_dir={tmp_path / 'run'}"]
+    cases = {   # argv -> text the one line must contain (the key or file to fix)
+        ("--config", str(tmp_path / "nope.yaml")): "nope.yaml",
+        (*base, "optim.nope=1"): "optim.nope",
+        (*base, "loss.cyclip_in_modal=-1"): "loss.cyclip_in_modal=-1",
+        (*base, f"data.path={tmp_path / 'missing'}"): "missing does not exist",
+        (*base, "data.split=nosuch"): "data.split=nosuch",
+        (*base, "--gpus-per-node", "3"): "data.global_batch_size=16",         # 16 does not split into 3 ranks
+        (*base, f"run.resume={tmp_path / 'no_ckpt'}"): "no_ckpt",
+        (*base, "--sweep", "loss.cyclip_in_modal=0.25,-1"): "sweep point cyclip_in_modal--1",
+        (*base, "--sweep", "optim.typo=1,2"): "optim.typo",
+        (*base, "--sweep", "novalues"): "--sweep",
+        (*base, "--nodes", "0"): "--nodes",
+    }
+    def run_case(i_argv):    # each case with its own fake sbatch and marker
+        i, argv = i_argv
+        (tmp_path / f"case{i}").mkdir()
+        return launch_cli(tmp_path / f"case{i}", *argv)
+
+    with ThreadPoolExecutor(3) as pool:    # ~1.5 s of imports each: run them side by side
+        outcomes = list(pool.map(run_case, enumerate(cases)))
+    for (argv, expected), (out, submitted) in zip(cases.items(), outcomes):
+        assert out.returncode == 2, (argv, out.stderr)
+        assert not submitted, argv
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("config error: ") and expected in lines[0], (argv, lines)
+        assert "Traceback" not in out.stderr
+    # the same config without the mistake does reach sbatch (the check is not a blanket refusal)
+    out, submitted = launch_cli(tmp_path, *base)
+    assert submitted and out.returncode == 0 and "submitted 4242" in out.stdout, out.stderr
+    # --no-preflight checks the config only: data that only the compute nodes see is not looked for
+    out, submitted = launch_cli(tmp_path, *base, f"data.path={tmp_path / 'on_nodes_only'}", "--no-preflight")
+    assert submitted and out.returncode == 0, out.stderr

@@ -141,6 +141,30 @@ def test_corrupt_samples_and_a_truncated_shard_are_skipped_counted_and_batches_s
         assert kept == [ref for ref in clean[step]["keys"] if ref in good]  # readable slots are unchanged
 
 
+def test_a_missing_or_truncated_shard_logs_one_line_per_shard_and_counts_every_sample(digits, tiny, tmp_path, caplog):
+    """Fresh-user report: a deleted shard logged one warning per skipped sample (thousands per epoch at
+    real shard sizes). Now one line per shard (and kind of damage); the count stays exact: one epoch
+    (6 steps of 16) meets each of the deleted shard's 16 samples once."""
+    missing = tmp_path / "missing"
+    shutil.copytree(digits, missing)
+    (missing / "train" / "000001.tar").unlink()
+    with caplog.at_level("WARNING", logger="train.data"):
+        got = batches(missing, tiny, end=6)
+    assert sum(b["skipped"] for b in got) == 16
+    assert all(len(b["keys"]) == 16 for b in got)
+    lines = [r.getMessage() for r in caplog.records if r.name == "train.data"]
+    assert len(lines) == 1 and "000001.tar" in lines[0] and "unavailable" in lines[0], lines
+    caplog.clear()
+    bad = corrupt_copy(digits, tmp_path / "bad")  # one zeroed JPEG in shard 0, shard 1 cut to a third
+    with caplog.at_level("WARNING", logger="train.data"):
+        got = batches(bad, tiny, end=6)
+    lines = [r.getMessage() for r in caplog.records if r.name == "train.data"]
+    assert sum(b["skipped"] for b in got) == 96 - len(readable_keys(bad))
+    heads = [line.split(";")[0] for line in lines]  # "shard S: skipping its KIND samples (...)"
+    assert sorted(heads) == sorted(set(heads)) and len(heads) <= 3, lines  # shard 0 corrupt, shard 1 cut + corrupt
+    assert 96 - len(readable_keys(bad)) > len(heads) + 3  # many more samples skipped than lines logged
+
+
 def reencode(src: Path, dest: Path, ext: str) -> Path:
     """The digits folder with its images re-encoded as ``ext`` (png or webp, lossless) and recorded so."""
     fmt = {"png": "PNG", "webp": "WEBP"}[ext]

@@ -20,6 +20,7 @@ Requires a filesystem shared by all ranks (as DeepSpeed itself does).
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ from common.atomic_files import atomic_write_text
 from common.config_loader import ConfigError
 
 LATEST = "latest"
+FRESH = ("", "none")  # run.resume values that start a run from scratch
 TRAINER_STATE = "trainer_state.pt"
 PARTIAL_PREFIX = ".partial_"
 RANK_STATE = "rank{}_state.pt"
@@ -87,15 +89,20 @@ class CheckpointManager:
 
     def latest(self) -> Optional[Path]:
         """The newest complete checkpoint, or None."""
-        marker = self.dir / LATEST
-        if not marker.is_file():
-            return None
-        path = self.dir / marker.read_text().strip()
-        return path if (path / TRAINER_STATE).is_file() else None
+        return latest_checkpoint(self.dir.parent)
 
     def resolve(self, resume: str) -> Optional[Path]:
-        """'' -> None; 'latest' -> the newest complete checkpoint or None; else that folder (must exist)."""
-        if not resume:
+        """'' / 'none' -> None; 'latest' -> the newest complete checkpoint or None; else that folder (must exist).
+
+        A fresh start ('' / 'none') removes this run folder's old checkpoints (rank 0): the run starts
+        over, and a stale ``latest`` must never be resumed as this run's, nor old steps pruned against it."""
+        if resume.lower() in FRESH:
+            if self.rank == 0 and any(self.dir.glob("step_*")):
+                logging.getLogger("train").warning("run.resume=%s: starting over, removing the old checkpoints in %s",
+                                                   resume or "''", self.dir)
+                (self.dir / LATEST).unlink(missing_ok=True)
+                for old in self.dir.glob("step_*"):
+                    shutil.rmtree(old, ignore_errors=True)
             return None
         if resume == LATEST:
             return self.latest()
@@ -166,6 +173,16 @@ class CheckpointManager:
     def load_trainer_state(path: Path) -> dict:
         """The small rank-0 file: step, world_size, config, code_version and the shared components' states."""
         return torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """RUN_DIR's newest complete checkpoint (what ``checkpoints/latest`` names), or None."""
+    folder = Path(run_dir) / "checkpoints"
+    marker = folder / LATEST
+    if not marker.is_file():
+        return None
+    path = folder / marker.read_text().strip()
+    return path if (path / TRAINER_STATE).is_file() else None
 
 
 def complete_checkpoint(path: str | os.PathLike) -> Path:

@@ -105,7 +105,7 @@ class CheckpointConfig:
     every_steps: int = 20
     """Save a sharded checkpoint every this many optimizer steps (and always at the end)."""
     keep_last: int = 2
-    """Complete checkpoints to keep (older ones are deleted after a newer one is complete)."""
+    """Complete checkpoints to keep (older ones are deleted after a newer one is complete); 0 keeps all."""
     export: bool = True
     """Write RUN_DIR/export/model.pt (plain open_clip state dict) at the end of training."""
 
@@ -136,7 +136,9 @@ class RunConfig:
     seed: int = 0
     """Seed of the data order, augmentations, model init and the mixup lambda sampler."""
     resume: str = ""
-    """'' starts fresh; 'latest' continues from RUN_DIR/checkpoints/latest (fresh if none); or a checkpoint dir."""
+    """'' or 'none' starts fresh (removing RUN_DIR's old checkpoints); 'latest' continues this run from
+    RUN_DIR/checkpoints/latest (fresh if none; refused if a key of RESUME_KEYS in train/preflight.py differs
+    from the checkpoint's config); or a checkpoint dir (e.g. fine-tuning from another run: not compared)."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
     stop_after_steps: int = 0
@@ -173,8 +175,39 @@ class TrainConfig:
             raise ConfigError(f"zero.precision must be auto, bf16 or fp32, got '{self.zero.precision}'")
         if self.zero.bf16_mode not in ("weights", "autocast"):
             raise ConfigError(f"zero.bf16_mode must be weights or autocast, got '{self.zero.bf16_mode}'")
-        if self.data.global_batch_size < 1 or self.data.accum_freq < 1 or self.optim.steps < 1:
-            raise ConfigError("data.global_batch_size, data.accum_freq and optim.steps must be >= 1")
+        for key, value, low, strict in self._bounds():
+            if value is not None and (value <= low if strict else value < low):
+                raise ConfigError(f"{key} must be {'>' if strict else '>='} {low}, got {value}")
+        if self.optim.min_lr > self.optim.lr:
+            raise ConfigError(f"optim.min_lr={self.optim.min_lr} must be <= optim.lr={self.optim.lr}")
+        for key, beta in (("optim.beta1", self.optim.beta1), ("optim.beta2", self.optim.beta2)):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"{key} must be in [0, 1), got {beta}")
+        if not 0 < self.model.aug_scale_min <= 1:
+            raise ConfigError(f"model.aug_scale_min must be in (0, 1], got {self.model.aug_scale_min}")
+
+    def _bounds(self) -> list:
+        """(key, value, bound, strict): every numeric field's lower bound (a value must be > or >= it)."""
+        d, o, z, c, g, r = self.data, self.optim, self.zero, self.checkpoint, self.logging, self.run
+        return [("data.global_batch_size", d.global_batch_size, 1, False), ("data.accum_freq", d.accum_freq, 1, False),
+                ("data.num_workers", d.num_workers, 0, False), ("data.partitions", d.partitions, 0, False),
+                ("data.shuffle_window", d.shuffle_window, 1, False),
+                ("data.max_substitutions", d.max_substitutions, 0, False),
+                ("data.cache_limit_gb", d.cache_limit_gb, 0, True), ("data.retries", d.retries, 0, False),
+                ("data.retry_backoff_s", d.retry_backoff_s, 0, False),
+                ("optim.steps", o.steps, 1, False), ("optim.lr", o.lr, 0, True), ("optim.min_lr", o.min_lr, 0, False),
+                ("optim.warmup_steps", o.warmup_steps, 0, False), ("optim.weight_decay", o.weight_decay, 0, False),
+                ("optim.eps", o.eps, 0, True), ("optim.grad_clip", o.grad_clip, 0, False),
+                ("optim.max_logit_scale", o.max_logit_scale, 0, True),
+                ("optim.max_nonfinite_steps", o.max_nonfinite_steps, 1, False),
+                ("zero.reduce_bucket_size", z.reduce_bucket_size, 1, False),
+                ("zero.allgather_bucket_size", z.allgather_bucket_size, 1, False),
+                ("checkpoint.every_steps", c.every_steps, 1, False), ("checkpoint.keep_last", c.keep_last, 0, False),
+                ("logging.every_steps", g.every_steps, 1, False),
+                ("logging.eval_every_steps", g.eval_every_steps, 0, False),
+                ("logging.eval_max_samples", g.eval_max_samples, 1, False),
+                ("run.stop_after_steps", r.stop_after_steps, 0, False),
+                ("model.force_image_size", self.model.force_image_size, 1, False)]
 
     def check_world_size(self, world_size: int) -> int:
         """The per-rank batch b = global / world; it must split into accum_freq equal micro-batches."""

@@ -23,6 +23,7 @@ import hashlib
 import io
 import logging
 import os
+import signal
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -79,6 +80,15 @@ class ShardReader:
         self.bytes_read = [0]
         self._pool = ThreadPoolExecutor(4) if self.remote else None
         self._pending: Dict[int, object] = {}
+        self._warned: set = set()
+
+    def warn_once(self, shard: int, kind: str, detail: str) -> None:
+        """One log line per shard and kind of problem, not per sample: a bad shard holds thousands of
+        samples, and every skipped one is counted exactly in metrics.jsonl's skipped_samples anyway."""
+        if (shard, kind) not in self._warned:
+            self._warned.add((shard, kind))
+            log.warning("shard %s: skipping its %s samples (counted in skipped_samples, logged once per shard); "
+                        "first: %s", self.rels[shard], kind, detail)
 
     def _local_path(self, shard: int) -> str:
         url = join(self.root, self.rels[shard])
@@ -106,7 +116,8 @@ class ShardReader:
                 index = self.cache.index(path, self._identity(shard, path), self.bytes_read)
             handle = (CountingFile(path, self.bytes_read), index)
         except (ShardUnavailable, OSError) as err:
-            log.warning("shard %s unavailable, its samples are skipped: %s", self.rels[shard], err)
+            log.warning("shard %s unavailable, its samples are skipped (counted in skipped_samples): %s",
+                        self.rels[shard], err)
             handle = None
         self.open[shard] = handle
         while len(self.open) > self.max_open:
@@ -197,8 +208,8 @@ class StepBatches(torch.utils.data.IterableDataset):
             try:
                 raw = reader.read(shard, inner)
             except (ShardUnavailable, IndexError, OSError, KeyError) as err:  # known missing: no decode spent
-                if attempt == 0:
-                    log.warning("skipping sample %d of shard %s: %s", inner, reader.rels[shard], err)
+                if attempt == 0 and not isinstance(err, ShardUnavailable):  # (that one was logged by shard())
+                    reader.warn_once(shard, "missing", f"sample {inner}: {err}")
                 continue
             try:
                 # Seeding per sample makes the augmentation independent of rank count, worker and resume point.
@@ -210,7 +221,7 @@ class StepBatches(torch.utils.data.IterableDataset):
                                          self.caption_ext), int(attempt > 0)
             except Exception as err:
                 failures += 1
-                log.warning("skipping corrupt sample %s of shard %s: %s", raw.get("__key__"), reader.rels[shard], err)
+                reader.warn_once(shard, "corrupt", f"sample {raw.get('__key__')}: {err}")
                 if failures > self.max_substitutions:
                     break
         raise RuntimeError(f"no readable sample for a slot of stream {slot.stream}, epoch {slot.epoch}, block "
@@ -223,8 +234,17 @@ def collate(samples: Sequence[dict]) -> dict:
             "keys": [s["key"] for s in samples]}
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
+
+
 def _worker_init(_):
     torch.set_num_threads(1)  # decode workers must not fight the training threads for cores
+    # SLURM preemption, scancel, torchrun and Ctrl-C signal the whole process group. A worker killed by
+    # it makes the trainer's stop checkpoint fail ("DataLoader worker ... killed by signal"); the main
+    # process decides when to stop and shuts its workers down itself (StatefulLoader.close), and a
+    # worker still exits when the trainer dies (torch's watchdog on the parent pid).
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def make_order(manifest: Manifest, split: str, global_batch: int, partitions: int, window: int,

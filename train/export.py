@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from common.atomic_files import atomic_path
+from common.config_loader import ConfigError
 from train.model import export_state_dict, register_model_configs, write_model_config
 
 MODEL_FILE = "model.pt"
@@ -94,6 +96,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
     path = Path(checkpoint)
     if (path / "checkpoints" / LATEST).is_file():
         path = path / "checkpoints" / (path / "checkpoints" / LATEST).read_text().strip()
+    check_export_source(path)
     state = CheckpointManager.load_trainer_state(path)
     cfg = state["config"]
     if any(path.glob("*zero_pp_rank_*_optim_states.pt")) and cfg["zero"]["stage"] > 0:
@@ -110,13 +113,32 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
                   {"step": state["step"], "source": str(path)})
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="a run folder (exports its latest checkpoint) or a checkpoint folder")
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
     args = parser.parse_args(argv)
-    print(export_checkpoint(args.path, args.out))
+    try:
+        print(export_checkpoint(args.path, args.out))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_export_source(path: Path) -> None:
+    """ConfigError (one line) unless ``path`` is a run folder with a complete checkpoint or a checkpoint folder."""
+    from train.checkpoint import LATEST, TRAINER_STATE
+
+    if not path.exists():
+        raise ConfigError(f"{path}: no such run or checkpoint folder")
+    if not path.is_dir():
+        raise ConfigError(f"{path} is a file: give a run folder (RUN_DIR, its latest checkpoint is exported) "
+                          "or a checkpoint folder (RUN_DIR/checkpoints/step_N)")
+    if not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"{path}: neither a checkpoint folder (no {TRAINER_STATE}) nor a run folder with a "
+                          f"complete checkpoint (no checkpoints/{LATEST}): train it first, or name a checkpoint")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

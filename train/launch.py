@@ -32,7 +32,11 @@ from typing import Any, Callable, Iterable, Sequence
 import submitit
 from submitit.core.job_environment import SignalHandler
 
+from common.config_loader import ConfigError
 from common.jobs import EXIT_REQUEUE, LAUNCHER_VARS, resume_overrides  # torch-free: submitting stays light
+
+TRAINER_ENTRY = "train.trainer:main"
+EXIT_USER_ERROR = 2    # as `python -m train`: a config mistake, nothing submitted
 
 
 def _resolve(entry: str) -> Callable[[list[str]], Any]:
@@ -91,13 +95,35 @@ class TrainingJob(submitit.helpers.Checkpointable):
         raise SystemExit(EXIT_REQUEUE)
 
 
+def check_config(config: str | Path, overrides: Sequence[str], world_size: int, preflight: bool = True) -> None:
+    """What ``python -m train`` checks on rank 0 before DeepSpeed starts, run here before anything is queued.
+
+    Loads ``config`` with ``overrides`` into TrainConfig (missing file, bad key or value) and, unless
+    ``preflight`` is False (data visible only on the compute nodes), runs train.preflight for
+    ``world_size`` ranks (dataset folder and split, batch vs ranks, resume path, pretrained file).
+    Raises ConfigError naming the key. Imports torch (train.config's loss and model sections), ~1.5 s.
+    """
+    from common.config_loader import load_config
+    from train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, config, list(overrides))
+    if preflight:
+        from train.preflight import preflight as run_preflight
+
+        run_preflight(cfg, world_size)
+
+
+def _world_size(nodes: int, gpus_per_node: int, tasks_per_node: int | None) -> int:
+    return nodes * (tasks_per_node or max(gpus_per_node, 1))
+
+
 def _executor(cluster: str, folder: str | Path, nodes: int, gpus_per_node: int, partition: str | None,
               time: int, job_name: str, cpus_per_task: int | None, tasks_per_node: int | None,
               signal_delay_s: int, slurm_args: dict | None, array_parallelism: int) -> submitit.Executor:
     if cluster not in ("slurm", "local"):
-        raise ValueError(f"cluster must be 'slurm' or 'local', got {cluster!r}")
+        raise ConfigError(f"cluster must be 'slurm' or 'local', got {cluster!r}")
     if cluster == "local" and nodes != 1:
-        raise ValueError("cluster='local' runs on this machine: nodes must be 1")
+        raise ConfigError("cluster='local' runs on this machine: nodes must be 1")
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params: dict[str, Any] = dict(
         name=job_name, nodes=nodes, timeout_min=time,
@@ -122,13 +148,16 @@ def submit(config: str | Path, overrides: Sequence[str] = (), nodes: int = 1, gp
            partition: str | None = None, time: int = 60, cluster: str = "slurm",
            folder: str | Path = "logs/submitit", job_name: str = "clip-train", cpus_per_task: int | None = None,
            tasks_per_node: int | None = None, signal_delay_s: int = 300, slurm_args: dict | None = None,
-           entry: str = "train.trainer:main") -> submitit.Job:
+           entry: str = TRAINER_ENTRY, preflight: bool = True) -> submitit.Job:
     """Submit one training run; ``job.results()[0]`` is rank 0's ``train.trainer.main`` return value.
 
     ``time`` is the time limit in minutes. One task per GPU (``tasks_per_node`` overrides, e.g.
     for CPU runs). ``slurm_args`` adds raw sbatch options ({"qos": "high"}). ``folder`` holds
-    submitit's pickles and per-task logs (``%j_%t_log.out``).
+    submitit's pickles and per-task logs (``%j_%t_log.out``). The config is checked first
+    (:func:`check_config`; ConfigError, nothing submitted) when ``entry`` is the trainer.
     """
+    if entry == TRAINER_ENTRY:
+        check_config(config, overrides, _world_size(nodes, gpus_per_node, tasks_per_node), preflight)
     executor = _executor(cluster, folder, nodes, gpus_per_node, partition, time, job_name, cpus_per_task,
                          tasks_per_node, signal_delay_s, slurm_args, 1)
     return executor.submit(TrainingJob(entry), str(config), list(overrides))
@@ -162,17 +191,26 @@ def sweep(config: str | Path, grid: dict[str, Iterable[Any]], overrides: Sequenc
           partition: str | None = None, time: int = 60, folder: str | Path = "logs/submitit",
           job_name: str = "clip-sweep", cpus_per_task: int | None = None, tasks_per_node: int | None = None,
           signal_delay_s: int = 300, slurm_args: dict | None = None,
-          entry: str = "train.trainer:main") -> list[submitit.Job]:
+          entry: str = TRAINER_ENTRY, preflight: bool = True) -> list[submitit.Job]:
     """One job per point of ``grid`` (a SLURM job array), each in RUN_DIR/<point name>.
 
-    Jobs come back in ``grid_points(grid)`` order.
+    Jobs come back in ``grid_points(grid)`` order. Every point's config is checked first
+    (:func:`check_config`; ConfigError naming the point, nothing submitted) when ``entry`` is the trainer.
     """
     points = grid_points(grid)
     if not points:
-        raise ValueError("empty sweep grid")
+        raise ConfigError("empty sweep grid")
+    if entry == TRAINER_ENTRY:
+        check_config(config, overrides, _world_size(nodes, gpus_per_node, tasks_per_node), preflight=False)
     base = _base_run_dir(config, overrides)
     per_point = [[*overrides, *(f"{k}={v}" for k, v in point.items()), f"run.run_dir={base}/{point_name(point)}"]
                  for point in points]
+    if entry == TRAINER_ENTRY:
+        for point, point_overrides in zip(points, per_point):
+            try:
+                check_config(config, point_overrides, _world_size(nodes, gpus_per_node, tasks_per_node), preflight)
+            except ConfigError as err:
+                raise ConfigError(f"sweep point {point_name(point)}: {err}") from None
     executor = _executor(cluster, folder, nodes, gpus_per_node, partition, time, job_name, cpus_per_task,
                          tasks_per_node, signal_delay_s, slurm_args, array_parallelism)
     return executor.map_array(TrainingJob(entry), [str(config)] * len(points), per_point)
@@ -183,7 +221,7 @@ def _parse_sweep(items: Sequence[str]) -> dict[str, list[str]]:
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not values:
-            raise SystemExit(f"--sweep wants key=v1,v2,..., got {item!r}")
+            raise ConfigError(f"--sweep wants key=v1,v2,..., got {item!r}")
         grid[key] = values.split(",")
     return grid
 
@@ -204,17 +242,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--job-name", default=None)
     parser.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
                         help="a job array over the product of these values")
-    parser.add_argument("--entry", default="train.trainer:main", help=argparse.SUPPRESS)  # tests: a stand-in
+    parser.add_argument("--no-preflight", action="store_true",
+                        help="check only the config, not the dataset/resume/pretrained paths (for data that only "
+                             "the compute nodes see)")
+    parser.add_argument("--entry", default=TRAINER_ENTRY, help=argparse.SUPPRESS)  # tests: a stand-in
     parser.add_argument("--wait", action="store_true", help="wait and print each job's result as JSON")
     args = parser.parse_args(argv)
     common = dict(cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                   partition=args.partition, time=args.time, folder=args.folder, cpus_per_task=args.cpus_per_task,
-                  tasks_per_node=args.tasks_per_node, signal_delay_s=args.signal_delay_s, entry=args.entry)
-    if args.sweep:
-        jobs = sweep(args.config, _parse_sweep(args.sweep), args.overrides,
-                     job_name=args.job_name or "clip-sweep", **common)
-    else:
-        jobs = [submit(args.config, args.overrides, job_name=args.job_name or "clip-train", **common)]
+                  tasks_per_node=args.tasks_per_node, signal_delay_s=args.signal_delay_s, entry=args.entry,
+                  preflight=not args.no_preflight)
+    try:    # a config mistake ends here in one line, before anything reaches sbatch
+        if args.nodes < 1 or (args.tasks_per_node is not None and args.tasks_per_node < 1) or args.gpus_per_node < 0:
+            raise ConfigError(f"--nodes and --tasks-per-node must be >= 1 and --gpus-per-node >= 0, got "
+                              f"{args.nodes}, {args.tasks_per_node}, {args.gpus_per_node}")
+        if args.sweep:
+            jobs = sweep(args.config, _parse_sweep(args.sweep), args.overrides,
+                         job_name=args.job_name or "clip-sweep", **common)
+        else:
+            jobs = [submit(args.config, args.overrides, job_name=args.job_name or "clip-train", **common)]
+    except ConfigError as err:
+        print(f"config error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
     for job in jobs:
         print(f"submitted {job.job_id} (logs: {job.paths.stdout})", flush=True)
     if args.wait:

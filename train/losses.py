@@ -293,18 +293,23 @@ class LossConfig:
     step // this, counted by the objective's draw_lambda (once per step) and checkpointed with it."""
 
     def __post_init__(self) -> None:
-        weights = {k: v for k, v in vars(self).items() if k.endswith(("_weight", "_modal"))}
-        negative = [k for k, v in weights.items() if v < 0]
-        alphas = [getattr(self, f"{t}_alpha") for t in MIX_TERMS]
-        scales = [v for v in (self.m2mix_logit_scale, self.clip_logit_scale) if v is not None]
-        if negative or min(alphas) <= 0 or any(v <= 0 for v in scales):
-            raise ValueError(f"loss weights must be ≥ 0, mixing α and fixed logit scales > 0: {self}")
+        # Each message names its key and value (config keys live under the ``loss`` section).
+        for key, value in vars(self).items():
+            if key.endswith(("_weight", "_modal")) and value < 0:
+                raise ValueError(f"loss.{key}={value}: a loss weight must be ≥ 0")
+        for key in [f"{t}_alpha" for t in MIX_TERMS] + ["m2mix_logit_scale", "clip_logit_scale"]:
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                what = "a Beta(α, α) parameter" if key.endswith("_alpha") else "a fixed logit scale (or null)"
+                raise ValueError(f"loss.{key}={value}: {what} must be > 0")
         if self.cyclip_reference_batch is not None and self.cyclip_reference_batch < 1:
-            raise ValueError(f"cyclip_reference_batch must be ≥ 1 or None, got {self.cyclip_reference_batch}")
+            raise ValueError(f"loss.cyclip_reference_batch={self.cyclip_reference_batch}: must be ≥ 1 or null")
         if self.mix_weight_schedule not in MIX_SCHEDULES:
-            raise ValueError(f"mix_weight_schedule must be one of {MIX_SCHEDULES}, got '{self.mix_weight_schedule}'")
+            raise ValueError(f"loss.mix_weight_schedule={self.mix_weight_schedule}: must be one of "
+                             f"{', '.join(MIX_SCHEDULES)}")
         if self.mix_weight_schedule == "inverse_epoch" and self.schedule_epoch_steps < 1:
-            raise ValueError("mix_weight_schedule=inverse_epoch needs schedule_epoch_steps ≥ 1 (steps per epoch)")
+            raise ValueError(f"loss.schedule_epoch_steps={self.schedule_epoch_steps}: "
+                             "loss.mix_weight_schedule=inverse_epoch needs ≥ 1 (optimizer steps per epoch)")
 
     @property
     def mixes(self) -> bool:

@@ -106,5 +106,9 @@ class StatefulLoader:
         """Stop the DataLoader's worker processes (before the process group goes away)."""
         shutdown = getattr(self._iter, "_shutdown_workers", None)
         if shutdown is not None:
+            workers = list(getattr(self._iter, "_workers", []))
             shutdown()
+            for worker in workers:  # they ignore SIGTERM (train/data.py _worker_init): torch's terminate() fallback
+                if worker.is_alive():  # would leave a stuck one behind
+                    worker.kill()
         self._iter = None

@@ -373,7 +373,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --dry-run: the rank count to check for (default: the launcher's, else 1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.steps=100 zero.stage=2")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may sit among the key=value overrides
 
 
 def main(argv: list[str]) -> dict:
@@ -389,10 +389,13 @@ def main(argv: list[str]) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     args = parse_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    world_size = args.world_size if args.dry_run and args.world_size else int(discover_launcher_env()["WORLD_SIZE"])
-    preflight(cfg, world_size)
-    if args.dry_run:
-        return {"step": 0, "exit_code": EXIT_OK, "run_dir": cfg.run.run_dir, "last": {}, "dry_run": True}
+    world_size = args.world_size if args.dry_run and args.world_size is not None else None  # 0 is checked too
+    world_size = int(discover_launcher_env()["WORLD_SIZE"]) if world_size is None else world_size
+    finished = preflight(cfg, world_size)  # {step, message} when run.resume=latest finds this run already done
+    if finished and not args.dry_run and discover_launcher_env()["RANK"] == "0":
+        log.info("%s", finished["message"])
+    if args.dry_run or finished:
+        return {"step": (finished or {}).get("step", 0), "exit_code": EXIT_OK, "run_dir": cfg.run.run_dir, "last": {}}
     trainer = Trainer(cfg)
     try:
         return trainer.fit()

@@ -11,6 +11,7 @@ checkpoint) ends with one line on stderr and exit code 2, checked before the mod
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from common.config_loader import ConfigError, load_config
 from common.shard_folder import read_manifest
+from train.shard_source import is_remote
 
 from .compare import compare
 from .config import EvalConfig, EvalInputError
@@ -42,6 +44,13 @@ def _split_size(folder: str, split: str, what: str) -> int:
         raise EvalInputError(f"{what}={folder}: {err}") from None
     if split not in manifest.splits:
         raise EvalInputError(f"{what}={folder} has no split '{split}' (has: {', '.join(sorted(manifest.splits))})")
+    # Local shards are stat'ed now, not found missing minutes into the run. Evaluation never skips a missing
+    # or damaged shard (the numbers would silently cover fewer samples): data.iter_samples raises too.
+    missing = [p for p in manifest.shard_paths(split) if not is_remote(p) and not os.path.isfile(p)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise EvalInputError(f"{what}={folder}: shard {missing[0]}{more} of split '{split}' is listed in its "
+                             "manifest.json but missing: restore it or rebuild the dataset")
     return manifest.splits[split].num_samples
 
 
@@ -75,7 +84,11 @@ def main_evaluate(argv) -> int:
         print(f"{kind}: {' '.join(str(err).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     out_dir = Path(cfg.out_dir) if cfg.out_dir else (run_dir / "eval" if run_dir else Path("eval"))
-    results = evaluate(model, eval_transform, tokenizer, cfg, progress=lambda msg: print(msg, flush=True))
+    try:
+        results = evaluate(model, eval_transform, tokenizer, cfg, progress=lambda msg: print(msg, flush=True))
+    except EvalInputError as err:    # a shard that vanished or is damaged (found while reading it)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
     results["model"]["checkpoint"] = str(args.checkpoint)
     title = f"Evaluation of {run_dir.name if run_dir else Path(args.checkpoint).name}"
     for path in write_eval_outputs(results, out_dir, run_dir, title):
@@ -89,7 +102,11 @@ def main_compare(argv) -> int:
     parser.add_argument("runs", nargs="+", help="RUN_DIRs (each with eval/eval.json); the first group is the baseline")
     parser.add_argument("--out", required=True, help="output folder for compare.md/.json and metric_bars.png")
     args = parser.parse_args(argv)
-    compare(args.runs, args.out)
+    try:
+        compare(args.runs, args.out)
+    except (EvalInputError, OSError) as err:    # OSError: --out not writable
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print(f"wrote {args.out}/compare.md, compare.json, metric_bars.png")
     return 0
 

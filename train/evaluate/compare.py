@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from common.atomic_files import atomic_write_text
 
 from .. import metrics
+from .config import EvalInputError
 from .core import headline
 from .report import markdown_table, metric_bars
 
@@ -26,10 +27,31 @@ BOOKKEEPING_PREFIXES = ("logging.", "checkpoint.")
 
 
 def find_eval_json(run: Path) -> Path:
+    """RUN/eval/eval.json (or RUN/eval.json); EvalInputError naming the run and the command that writes it."""
+    if not run.is_dir():
+        what = "is not a folder" if run.exists() else "does not exist"
+        raise EvalInputError(f"run {run} {what} (compare takes RUN_DIRs that hold eval/eval.json)")
     for candidate in (run / "eval" / "eval.json", run / "eval.json"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{run}: no eval/eval.json (run `python -m train.evaluate --checkpoint {run}` first)")
+    raise EvalInputError(f"run {run} has no evaluation (eval/eval.json): run `python -m train.evaluate "
+                         f"--checkpoint {run}` first")
+
+
+def read_eval_json(run: Path) -> Dict:
+    """The parsed eval.json of ``run``; EvalInputError if it is missing, not JSON or not a result object."""
+    path = find_eval_json(run)
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise EvalInputError(f"{path}: not readable as JSON ({' '.join(str(err).split())}); rerun "
+                             f"`python -m train.evaluate --checkpoint {run}`") from None
+    sections = ("zero_shot", "retrieval", "embedding", "robustness")    # what core.headline reads
+    if not isinstance(result, dict) or not any(isinstance(result.get(k), dict) for k in sections) \
+            or any(k in result and not isinstance(result[k], dict) for k in sections):
+        raise EvalInputError(f"{path}: not an eval.json written by `python -m train.evaluate` "
+                             f"(expected an object with {', '.join(sections)} blocks)")
+    return result
 
 
 def flat_config(run: Path) -> Dict[str, str]:
@@ -87,8 +109,10 @@ def compare(runs: Sequence[str | Path], out_dir: str | Path) -> Dict:
     """Write compare.json, compare.md and metric_bars.png for ``runs``; returns the table."""
     runs = [Path(r) for r in runs]
     out_dir = Path(out_dir)
+    results = {r: read_eval_json(r) for r in runs}    # every input checked before anything is written
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalInputError(f"--out {out_dir} is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {r: json.loads(find_eval_json(r).read_text()) for r in runs}
     groups = group_runs(runs)
     labels = [group_label(g) for g in groups]
     if len(set(labels)) < len(labels):  # two groups share a name prefix: number them

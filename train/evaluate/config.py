@@ -67,7 +67,8 @@ class EvalConfig:
     device: str = "auto"
     """Torch device: ``auto`` (cuda when available), ``cpu`` or ``cuda[:N]``."""
     model_name: str = ""
-    """open_clip model name, for a bare checkpoint file (a RUN_DIR's export/model_config.json names it)."""
+    """open_clip model name (or the stem of a configs/model/*.json, e.g. ``tiny_vit``), for a bare checkpoint
+    file (a RUN_DIR's export/model_config.json names it)."""
     model_config: str = ""
     """Path of an open_clip model config JSON for a bare checkpoint of a custom architecture."""
     out_dir: str = ""

@@ -50,11 +50,13 @@ def iter_samples(folder: str | Path, split: str, max_samples: int = 0,
     caption_ext = manifest.fields.get("caption", "txt")
     meta_ext = manifest.fields.get("metadata", "json")
     count = 0
-    for url in manifest.shard_paths(split):
+    for url, shard in zip(manifest.shard_paths(split), manifest.split(split).shards):
+        in_shard = 0
         for raw in _tar_samples(url, storage_options):
             if max_samples and count >= max_samples:
                 return
             count += 1
+            in_shard += 1
             ext = image_ext if image_ext in raw else next((e for e in IMAGE_EXTS if e in raw), None)
             if ext is None:
                 raise ValueError(f"sample {raw['__key__']} in {url} has no image ({sorted(raw)})")
@@ -65,10 +67,26 @@ def iter_samples(folder: str | Path, split: str, max_samples: int = 0,
             label = meta.get("label")
             yield Sample(key=raw["__key__"], image=image, label=None if label is None else int(label),
                          caption=caption)
+        if in_shard != shard.num_samples:    # a truncated tar can end "cleanly" at a member boundary
+            raise EvalInputError(f"shard {url} holds {in_shard} samples, its manifest.json says {shard.num_samples}: "
+                                 "it is damaged or was replaced; restore it or rebuild the dataset")
 
 
 def _tar_samples(url: str, storage_options: Optional[dict]) -> Iterator[dict]:
-    """{'__key__': key, ext: bytes} per sample of one tar, streamed in order (WebDataset grouping)."""
+    """{'__key__': key, ext: bytes} per sample of one tar, streamed in order (WebDataset grouping).
+
+    EvalInputError naming the shard if it is missing, unreadable or not a complete tar: evaluation
+    never skips samples (its numbers would silently cover less of the split).
+    """
+    try:
+        yield from _read_tar(url, storage_options)
+    except (OSError, tarfile.TarError, EOFError) as err:
+        what = "is missing" if isinstance(err, FileNotFoundError) else "cannot be read"
+        raise EvalInputError(f"shard {url} {what} ({type(err).__name__}: {' '.join(str(err).split())[:200]}): "
+                             "restore it or rebuild the dataset") from None
+
+
+def _read_tar(url: str, storage_options: Optional[dict]) -> Iterator[dict]:
     stream = open_remote(url, storage_options) if is_remote(url) else open(url, "rb")
     sample: dict = {}
     with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -190,8 +208,12 @@ def load_model(checkpoint: str | Path, model_name: str = "", model_config: str =
         raise EvalInputError("a bare checkpoint needs model_name=... (or model_config=PATH)")
     import open_clip    # after the path checks: importing it takes seconds
 
+    from train.model import CONFIG_DIR, register_model_configs
+
+    register_model_configs()    # the project's own configs/model/*.json by name, as in training (tiny_vit)
     if model_name not in open_clip.list_models():
-        raise EvalInputError(f"model_name={model_name} is not an open_clip model (nor registered by model_config)")
+        raise EvalInputError(f"model_name={model_name} is not an open_clip model, nor one of {CONFIG_DIR} "
+                             "(pass model_config=PATH for another architecture)")
     try:
         # pretrained=<file>: open_clip builds and loads in one call (strict; 'module.' prefixes stripped and a
         # [1]-shaped DeepSpeed logit_scale reshaped), so it neither warns "initialized randomly" nor fetches
