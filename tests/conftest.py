@@ -11,3 +11,15 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(dataset folder, model, eval transform, tokenizer, loss log): tests/eval_fixtures.py's tiny CLIP,
+    trained once per session for the evaluation tests."""
+    from tests.eval_fixtures import train_tiny_clip
+
+    return train_tiny_clip(tmp_path_factory.mktemp("eval"))

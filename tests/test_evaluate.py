@@ -2,8 +2,6 @@
 import io
 import json
 import math
-import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.data_fixtures import CLASS_NAMES, TEMPLATES, make_digits_dataset
+from tests.data_fixtures import CLASS_NAMES, TEMPLATES
+from tests.eval_fixtures import write_run
 from train import metrics
 from train.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from train.evaluate.__main__ import main
@@ -20,12 +19,6 @@ from train.evaluate.compare import group_runs
 from train.evaluate.data import iter_samples
 from train.periodic_eval import evaluate_model
 
-# Small enough to train on 2 CPU cores in seconds; registered with open_clip from a JSON file like a
-# real export, so the CLI's loading path is the one a trained run uses.
-TINY_CFG = {"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8,
-                           "pool_type": "avg"},
-            "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -61,53 +54,6 @@ def test_contrast_keeps_the_mean_and_rotation_keeps_a_symmetric_image():
     assert abs(low.mean() - np.asarray(img).mean()) < 1.0 and low.std() < 0.2 * np.asarray(img).std()
     flat = Image.new("RGB", (16, 16), (40, 80, 120))
     assert corrupt(flat, "rotation", 3, "k").tobytes() == flat.tobytes()  # border fill: no black corners
-
-
-# ---- a tiny trained model -----------------------------------------------------------------------
-
-def clip_loss(image_features, text_features, logit_scale):
-    logits = logit_scale.exp() * image_features @ text_features.T
-    labels = torch.arange(len(logits))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(dataset folder, model name, model, eval transform, tokenizer, loss log) after 120 steps of CLIP."""
-    import open_clip
-
-    root = tmp_path_factory.mktemp("eval")
-    data = make_digits_dataset(root / "digits", n_train=512, n_val=200, shard_size=128, image_size=32)
-    cfg_dir = root / "model_cfg"
-    cfg_dir.mkdir()
-    (cfg_dir / "eval_test_tiny.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(cfg_dir)
-    torch.manual_seed(0)
-    model, _, eval_transform = open_clip.create_model_and_transforms("eval_test_tiny")
-    tokenizer = open_clip.get_tokenizer("eval_test_tiny")
-    samples = list(iter_samples(data, "train"))
-    images = torch.stack([eval_transform(s.image.convert("RGB")) for s in samples])
-    tokens = tokenizer([s.caption for s in samples])
-    # Why these choices: mean-pooled patches (not a class token) and a frozen random token embedding
-    # leave the 2-core run out of CLIP's early collapse sooner; batches of 2 images per class avoid
-    # duplicate class-level captions among the negatives.
-    model.token_embedding.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    by_class = {c: [i for i, s in enumerate(samples) if s.label == c] for c in range(10)}
-    gen, log = torch.Generator().manual_seed(0), []
-    for step in range(120):
-        idx = torch.tensor([by_class[c][int(torch.randint(len(by_class[c]), (1,), generator=gen))]
-                            for c in range(10) for _ in range(2)])
-        img_f = F.normalize(model.encode_image(images[idx]), dim=-1)
-        txt_f = F.normalize(model.encode_text(tokens[idx]), dim=-1)
-        loss = clip_loss(img_f, txt_f, model.logit_scale)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        log.append({"step": step, "loss": loss.item(), "clip": loss.item(), "lr": 1e-3,
-                    "logit_scale": model.logit_scale.exp().item(), "samples_per_s": 100.0})
-    model.eval()
-    return data, model, eval_transform, tokenizer, log
 
 
 def test_zero_shot_of_trained_tiny_model_is_above_chance(trained):
@@ -182,17 +128,6 @@ def naive_metrics(trained, split: str, n: int) -> dict:
     out["C_cross"] = sum(((img[i] @ paired[j] - img[j] @ paired[i]) ** 2).item()
                          for i in range(n) for j in range(n)) / n
     return out
-
-
-def write_run(run_dir: Path, model, log, loss_overrides: dict, seed: int):
-    """A run folder as the trainer leaves it: config.yaml, metrics.jsonl, export/."""
-    (run_dir / "export").mkdir(parents=True)
-    torch.save(model.state_dict(), run_dir / "export" / "model.pt")
-    (run_dir / "export" / "model_config.json").write_text(json.dumps(TINY_CFG))
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    loss = "\n".join(f"  {k}: {v}" for k, v in loss_overrides.items())
-    (run_dir / "config.yaml").write_text(
-        f"model:\n  name: tiny\nloss:\n{loss}\nrun:\n  run_dir: {run_dir}\n  seed: {seed}\n")
 
 
 def test_cli_writes_report_and_plots_and_compare_groups_seeds(trained, tmp_path):
@@ -307,137 +242,3 @@ def test_cli_knn_consistency_and_temperature_match_a_manual_computation(trained,
     assert zs["nll_ts"] == pytest.approx(F.cross_entropy(logits.double() / t, test_y).item(), rel=1e-4)
     assert zs["nll_ts"] <= zs["nll"] + 0.05    # fitted on val = these images here, so it cannot be much worse
     assert "ECE after T" in (run / "eval" / "eval.md").read_text()
-
-
-# ---- user errors: one line, no traceback, exit 2, through the real CLI ----------------------------
-
-def test_cli_user_errors_are_one_line_without_traceback(trained, tmp_path):
-    import subprocess
-    import sys
-    from concurrent.futures import ThreadPoolExecutor
-
-    data, model, _, _, log = trained
-    run, no_export = tmp_path / "run", tmp_path / "not_a_run"
-    write_run(run, model, log, {}, seed=0)
-    no_export.mkdir()
-    weights, garbage, other_arch = run / "export" / "model.pt", tmp_path / "garbage.pt", tmp_path / "other.json"
-    garbage.write_bytes(b"not a torch file")
-    other_arch.write_text(json.dumps({**TINY_CFG, "embed_dim": 16}))
-    ok = [f"dataset={data}", "split=val"]
-    holey = tmp_path / "holey"    # a copy of the dataset whose manifest names deleted shards
-    shutil.copytree(data, holey)
-    (holey / "val" / "000001.tar").unlink()
-    (holey / "train" / "000002.tar").unlink()
-    not_evaluated, bad_json, list_json = tmp_path / "not_evaluated", tmp_path / "bad_json", tmp_path / "list_json"
-    write_run(not_evaluated, model, log, {}, seed=0)
-    for folder, text in ((bad_json, "{not json"), (list_json, "[]")):
-        (folder / "eval").mkdir(parents=True)
-        (folder / "eval" / "eval.json").write_text(text)
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    cases = {  # argv -> what the one line must name
-        "shard of the split deleted": (["--checkpoint", str(run), f"dataset={holey}", "split=val"],
-                                       f"shard {holey}/val/000001.tar"),
-        "shard of the reference split deleted": (["--checkpoint", str(run), *ok, f"reference_dataset={holey}",
-                                                  "calibration_split=train"], "train/000002.tar"),
-        "tiny_vit by name, not a weights file": (["--checkpoint", str(garbage), *ok, "model_name=tiny_vit"],
-                                                 "not a PyTorch state-dict file"),    # the name is known
-        "compare: run not evaluated": (["compare", str(not_evaluated), "--out", str(tmp_path / "c")],
-                                       f"run {not_evaluated} has no evaluation (eval/eval.json): run "
-                                       f"`python -m train.evaluate --checkpoint {not_evaluated}` first"),
-        "compare: run missing": (["compare", str(tmp_path / "gone"), "--out", str(tmp_path / "c")], "does not exist"),
-        "compare: run is a file": (["compare", str(a_file), "--out", str(tmp_path / "c")], "is not a folder"),
-        "compare: eval.json not JSON": (["compare", str(bad_json), "--out", str(tmp_path / "c")], "not readable as JSON"),
-        "compare: eval.json not an object": (["compare", str(list_json), "--out", str(tmp_path / "c")],
-                                             "not an eval.json"),
-        "compare: second run missing": (["compare", str(bad_json), str(tmp_path / "gone"), "--out",
-                                         str(tmp_path / "c")], "JSON"),
-        "missing dataset folder": (["--checkpoint", str(run), f"dataset={tmp_path}/nope"], "manifest.json not found"),
-        "bad key": (["--checkpoint", str(run), *ok, "no_such_key=1"], "no_such_key"),
-        "wrong type": (["--checkpoint", str(run), *ok, "max_samples=many"], "max_samples"),
-        "split not in manifest": (["--checkpoint", str(run), f"dataset={data}", "split=test"], "no split 'test'"),
-        "missing checkpoint": (["--checkpoint", str(tmp_path / "gone")], "not found"),
-        "run dir without export": (["--checkpoint", str(no_export), *ok], "export/model.pt not found"),
-        "missing reference_dataset": (["--checkpoint", str(run), *ok, f"reference_dataset={tmp_path}/nope"],
-                                      "reference_dataset="),
-        "reference split missing": (["--checkpoint", str(run), *ok, f"reference_dataset={data}",
-                                     "calibration_split=holdout"], "no split 'holdout'"),
-        "bare weights, no model": (["--checkpoint", str(weights), *ok], "model_name="),
-        "unknown model": (["--checkpoint", str(weights), *ok, "model_name=NoSuchNet"], "not an open_clip model"),
-        "not a weights file": (["--checkpoint", str(garbage), *ok, f"model_config={run}/export/model_config.json"],
-                               "not a PyTorch state-dict file"),
-        "weights of another architecture": (["--checkpoint", str(weights), *ok, f"model_config={other_arch}"],
-                                            "does not fit model"),
-    }
-
-    def cli(argv):
-        return subprocess.run([sys.executable, "-m", "train.evaluate", *argv], cwd=Path(__file__).parent.parent,
-                              capture_output=True, text=True, timeout=180)
-
-    with ThreadPoolExecutor(3) as pool:    # ~3 s of imports each: run them side by side
-        results = dict(zip(cases, pool.map(cli, [argv for argv, _ in cases.values()])))
-    for name, proc in results.items():
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (name, proc.stderr)
-        assert lines[0].startswith(("error: ", "config error: ")) and cases[name][1] in lines[0], (name, lines)
-        assert not (run / "eval").exists(), name    # nothing evaluated, nothing written
-    assert not (tmp_path / "c").exists()    # compare checks every run before it writes anything
-    # `make eval` passes the line through (make's own "Error 2" line aside), and says its usage without RUN_DIR.
-    for make_args, expected in (([f"RUN_DIR={tmp_path}/gone", f"ARGS=dataset={data} split=val"], "not found"),
-                                ([], "usage: make eval RUN_DIR=")):
-        done = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.setup-stamp", "eval", *make_args],
-                              cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120)
-        # make's own "make[N]: *** ... Error 2" line aside (N > 0 under `make test`)
-        lines = [line for line in done.stderr.splitlines()
-                 if line.strip() and not re.match(r"make(\[\d+\])?: \*\*\*", line)]
-        assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stderr
-        assert "Traceback" not in done.stderr + done.stdout
-
-
-def test_max_samples_beyond_the_split_evaluates_all_of_it_and_says_so(trained, tmp_path, capsys):
-    data, model, _, _, log = trained
-    run = tmp_path / "run"
-    write_run(run, model, log, {}, seed=0)
-    assert main(["--checkpoint", str(run), f"dataset={data}", "split=val", "max_samples=100000", "corruptions=[]",
-                 f"templates={json.dumps(TEMPLATES)}"]) == 0
-    assert "max_samples=100000 > 200 samples in val; evaluating all 200" in capsys.readouterr().err
-    assert json.loads((run / "eval" / "eval.json").read_text())["dataset"]["num_samples"] == 200
-
-
-def test_missing_or_damaged_shard_found_while_reading_is_one_line_not_a_skip(trained, tmp_path, capsys):
-    """Evaluation never skips samples: a shard truncated after the up-front check ends the run with exit 2."""
-    data, model, _, _, log = trained
-    run, damaged = tmp_path / "run", tmp_path / "damaged"
-    write_run(run, model, log, {}, seed=0)
-    shutil.copytree(data, damaged)
-    shard = damaged / "val" / "000001.tar"
-    shard.write_bytes(shard.read_bytes()[:5000])    # cut mid-member: it exists, so only reading finds it
-    assert main(["--checkpoint", str(run), f"dataset={damaged}", "split=val", "corruptions=[]",
-                 f"templates={json.dumps(TEMPLATES)}"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: shard {shard} ") and "manifest" in err[0], err
-    assert not (run / "eval").exists()
-    # the first shard alone (before the damaged one) evaluates: the error is the shard's, not the run's
-    assert main(["--checkpoint", str(run), f"dataset={damaged}", "split=val", "max_samples=64", "corruptions=[]",
-                 f"templates={json.dumps(TEMPLATES)}"]) == 0
-
-
-def test_project_model_config_is_accepted_by_name(tmp_path, capsys):
-    """model_name=tiny_vit (configs/model/tiny_vit.json, as training names it) equals model_config=<that file>."""
-    import open_clip
-
-    from train.model import CONFIG_DIR, register_model_configs
-
-    data = make_digits_dataset(tmp_path / "digits", n_train=32, n_val=32, shard_size=32, image_size=32)
-    register_model_configs()
-    torch.manual_seed(0)
-    weights = tmp_path / "tiny_vit.pt"
-    torch.save(open_clip.create_model("tiny_vit").state_dict(), weights)
-    common = ["--checkpoint", str(weights), f"dataset={data}", "split=val", "corruptions=[]",
-              f"templates={json.dumps(TEMPLATES)}"]
-    outs = []
-    for i, how in enumerate(("model_name=tiny_vit", f"model_config={CONFIG_DIR / 'tiny_vit.json'}")):
-        assert main([*common, how, f"out_dir={tmp_path / str(i)}"]) == 0, capsys.readouterr().err
-        outs.append(json.loads((tmp_path / str(i) / "eval.json").read_text()))
-    assert outs[0]["zero_shot"]["top1"] == outs[1]["zero_shot"]["top1"]
-    assert outs[0]["embedding"]["alignment"] == pytest.approx(outs[1]["embedding"]["alignment"], rel=1e-6)
