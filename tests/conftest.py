@@ -23,3 +23,14 @@ def trained(tmp_path_factory):
     from tests.eval_fixtures import train_tiny_clip
 
     return train_tiny_clip(tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Put os.environ back after every test. Launcher discovery exports what it finds (its job), and a
+    SLURM rendezvous left behind by one test would reach every later test's training subprocesses."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

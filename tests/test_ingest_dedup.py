@@ -30,6 +30,8 @@ def _make_parts(work, n_parts=3, rows_per_part=400, seed=0):
         (work / "filter").mkdir(parents=True, exist_ok=True)
         rng.shuffle(table)  # the order rows sit in a file must not matter
         pq.write_table(pa.Table.from_pylist(table), work / "filter" / f"part-{part:05d}.parquet")
+        # the filter stage's completion marker, written last (dedup refuses to start without it)
+        (work / "filter" / f"part-{part:05d}.json").write_text(json.dumps({"part": part, "kept": len(table)}))
     return rows
 
 

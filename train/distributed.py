@@ -82,7 +82,16 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
 # DeepSpeed reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (without LOCAL_RANK it tries MPI
 # discovery); submitit derives them for its own jobs, slurm/*.sh and a bare srun step.
 
-SINGLE_PROCESS_PORT = 29500  # torchrun's default; only a group of one ever listens on it
+
+
+def _free_port() -> int:
+    """A port nothing listens on now. A group of one needs no agreed port, and a fixed one (torchrun's 29500)
+    collides with any other single-process run on the host, or a process that inherited its socket."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def discover_launcher_env() -> dict[str, str]:
@@ -113,7 +122,8 @@ def discover_launcher_env() -> dict[str, str]:
     else:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(SINGLE_PROCESS_PORT))
+    if "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(_free_port())
     return {key: env[key] for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
