@@ -188,3 +188,17 @@ def to_dict(obj: Any) -> dict:
 
 def to_yaml(obj: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
+def flat_fields(tree: dict) -> dict:
+    """A config as plain dicts (``to_dict``) -> {"section.field": value}; top-level fields keep their name.
+
+    Only sections are flattened: a field whose value is a dict (``data.storage_options``) stays one entry,
+    so "which settings differ" names fields, not the insides of their values."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update({f"{key}.{field}": inner for field, inner in value.items()})
+        else:
+            out[key] = value
+    return out

@@ -30,7 +30,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before anything can im
 from omegaconf import OmegaConf  # noqa: E402
 
 from pipeline import run as stages  # noqa: E402
-from common.config_loader import ConfigError, load_config, to_yaml  # noqa: E402
+from common.config_loader import ConfigError, flat_fields, load_config, to_dict, to_yaml  # noqa: E402
 from common.atomic_files import atomic_write_text  # noqa: E402
 from pipeline.read_input import InputError, list_input_files  # noqa: E402
 from pipeline.settings import IngestConfig  # noqa: E402
@@ -44,16 +44,10 @@ DEMO_CONFIG = ROOT / "configs" / "shards_demo.yaml"
 RERUN_FREE = {"workers", "download.processes_count", "download.thread_count"}
 
 
-def _flat(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: node}
-
-
 def check_unchanged(saved: Path, cfg: IngestConfig) -> None:
     """A work folder resumes only with the settings it started with (mixed settings would mix shards)."""
-    before = _flat(OmegaConf.to_container(OmegaConf.structured(load_config(IngestConfig, saved))))
-    after = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    before = flat_fields(to_dict(load_config(IngestConfig, saved)))
+    after = flat_fields(to_dict(cfg))
     changed = sorted(k for k in before.keys() | after.keys() if k not in RERUN_FREE and before.get(k) != after.get(k))
     if changed:
         first = changed[0]

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from common.config_loader import ConfigError, to_dict
+from common.config_loader import ConfigError, flat_fields, to_dict
 from common.shard_folder import read_manifest
 from train.config import TrainConfig
 
@@ -116,19 +116,9 @@ def check_resume(cfg: TrainConfig) -> Optional[dict]:
     return None
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and prefix.count(".") < 1:  # sections only; dict values stay whole
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def changed_run_keys(saved: dict, current: dict) -> list:
     """'key: old -> new' for every run-defining key (RESUME_KEYS) whose value differs from the saved config."""
-    old, new = _flat(saved), _flat(current)
+    old, new = flat_fields(saved), flat_fields(current)
     defining = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_KEYS)  # noqa: E731
     keys = [k for k in new if k in old and k not in RESUME_FREE and defining(k)]
     return [f"{k}: {old[k]} -> {new[k]}" for k in keys if old[k] != new[k]]
