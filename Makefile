@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml constraints.txt
 # System packages the tests use. Installed only when running as root; otherwise the
 # tests that need them skip with a reason.
 setup-system:
-	@bash tests/setup_system.sh
+	@bash tests/harness/setup_system.sh
 
 test: setup setup-system
 	@set +e; $(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; \
@@ -88,24 +88,24 @@ eval: setup
 	@test -n "$(RUN_DIR)" || { echo "usage: make eval RUN_DIR=runs/pretrain_cyclip [ARGS='max_samples=1000']" >&2; exit 2; }
 	$(PYTHON) -m train.evaluate --checkpoint $(RUN_DIR) dataset=data/fmnist_test split=test reference_dataset=data/fmnist $(ARGS)
 
-# Stage 1 of train.demo is `python -m pipeline demo` (what `make shards` runs) with the sizes of
+# Stage 1 of train.experiments.demo.run is `python -m pipeline demo` (what `make shards` runs) with the sizes of
 # configs/demo/{full,fast}.yaml, skipped when the data set exists; then training, evaluation, report.
 demo: setup
 	@$(MAKE) --no-print-directory setup-system
-	$(PYTHON) -m train.demo $(if $(DEMO_OUT),--out $(DEMO_OUT)) $(if $(FAST),--fast) $(ARGS)
+	$(PYTHON) -m train.experiments.demo $(if $(DEMO_OUT),--out $(DEMO_OUT)) $(if $(FAST),--fast) $(ARGS)
 
-# The fair test of the papers' claims (train/study.py, configs/study/cpu.yaml): <= 60 min on 2 cores,
+# The fair test of the papers' claims (train/experiments/study/run.py, configs/study/cpu.yaml): <= 60 min on 2 cores,
 # writes study/REPORT.md + plots; finished runs are reused, so an interrupted study continues.
 # GPU profile: make study STUDY_CONFIG=configs/study/gpu.yaml
 STUDY_CONFIG ?= configs/study/cpu.yaml
 study: setup
 	@$(MAKE) --no-print-directory setup-system
-	OMP_NUM_THREADS=2 $(PYTHON) -m train.study --config $(STUDY_CONFIG) $(ARGS)
+	OMP_NUM_THREADS=2 $(PYTHON) -m train.experiments.study --config $(STUDY_CONFIG) $(ARGS)
 
 clean:
 	rm -rf data runs demo .pytest_cache
 
-# A throw-away 2-node SLURM cluster on this machine (root): for trying slurm/*.sh and train.launch.
+# A throw-away 2-node SLURM cluster on this machine (root): for trying slurm/*.sh and train.launch.executor.
 cluster-up:
 	bash slurm/cluster.sh up
 

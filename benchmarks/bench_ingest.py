@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import run as stages
-from pipeline.http_server import LoopbackServer, _QuietHandler
+from pipeline.demo.http_server import LoopbackServer, _QuietHandler
 from pipeline.settings import IngestConfig
 
 
@@ -187,7 +187,7 @@ def _markdown(n: int, reps: int, b: float, f: float, d: float, best: dict, dup: 
     lines += ["", f"Dedup alone at scale: {dedup_rows:,} synthetic metadata rows, 8 partitions, 2 workers: "
               f"**{dedup_rate:,.0f} rows/s** (both passes, scatter included).",
               "", "Target: the whole pipeline at >= 0.9x bare img2dataset.", "",
-              "The fetch front (Retry-After, 16-bit and EXIF repair; pipeline/fetch.py) costs one more loopback "
+              "The fetch front (Retry-After, 16-bit and EXIF repair; pipeline/stages/fetch.py) costs one more loopback "
               "hop per image; on a loopback server, where fetching is nearly free, that hop is the whole "
               "difference between the two pipeline rows. On the web, fetch latency dominates.", ""]
     n_dup, unique, (b_req, b_bytes, b_s), (o_req, o_bytes, o_s) = dup

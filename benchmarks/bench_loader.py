@@ -1,4 +1,4 @@
-"""The training loader (train/data.py) side by side: shard counts, a plain webdataset pipeline, index
+"""The training loader (train/data/loader.py) side by side: shard counts, a plain webdataset pipeline, index
 memory at LAION scale, read amplification, remote sources.
 
 Every speed row reads the same samples (small JPEGs + captions) with the same transform (open_clip's
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.http_server import LoopbackServer
+from pipeline.demo.http_server import LoopbackServer
 from common.shard_folder import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest, write_sample_index
 
 WORKERS, BATCH = 2, 64
@@ -61,7 +61,7 @@ def jpegs(n: int, size: int = 64) -> list:
 def ours(path: str, transform, tokenizer, epoch_samples: int, **options) -> tuple:
     """(samples/s over one epoch, bytes read) of this loader on rank 0 of 1."""
     from train.config import DataConfig
-    from train.data import build_loader
+    from train.data.loader import build_loader
 
     cfg = DataConfig(path=path, global_batch_size=BATCH, num_workers=WORKERS, **options)
     steps = epoch_samples // BATCH
@@ -87,7 +87,7 @@ def webdataset_baseline(folder: Path, transform, tokenizer, epoch_samples: int) 
 
 def index_memory_mb(num_samples: int = 10**9, num_shards: int = 10**5, world: int = 8) -> float:
     """Peak traced memory of reading a synthetic manifest and building rank 0's order for one step."""
-    from train.data import make_order
+    from train.data.loader import make_order
 
     with tempfile.TemporaryDirectory() as tmp:
         per = num_samples // num_shards
@@ -108,7 +108,7 @@ def index_memory_mb(num_samples: int = 10**9, num_shards: int = 10**5, world: in
 def read_amplification(folder: Path, transform, tokenizer, cache: Path, world: int = 2) -> list:
     """Per rank: bytes read in one epoch (by the loader's count and by the kernel's rchar) / (dataset / W)."""
     from train.config import DataConfig
-    from train.data import build_loader
+    from train.data.loader import build_loader
 
     dataset = sum(os.path.getsize(p) for p in read_manifest(folder).shard_paths("train"))
     cfg = DataConfig(path=str(folder), global_batch_size=BATCH, num_workers=0, cache_dir=str(cache))
@@ -139,7 +139,7 @@ def _remote_rows(folder: Path, tmp: Path, transform, tokenizer, n: int, rounds: 
     """Table rows: loader speed from loopback HTTP and SeaweedFS S3 against the same local folder."""
     remote_speed: dict = {}
     try:
-        from tests.s3_server import SeaweedS3
+        from tests.harness.s3_server import SeaweedS3
 
         with LoopbackServer(tmp) as server, SeaweedS3(tmp / "weed") as s3:
             s3_url = s3.upload(folder, "bench", "s64")
@@ -185,7 +185,7 @@ def run(quick: bool = False) -> str:
     def fmt(values):
         return " / ".join(f"rank {r}: {c:.3f} (rchar {k:.3f})" for r, (c, k) in enumerate(values))
     return "\n".join([
-        "## Training loader (train/data.py)", "",
+        "## Training loader (train/data/loader.py)", "",
         f"{n:,} samples (64x64 JPEG + caption), open_clip ViT-S-32 train preprocess + tokenizer, "
         f"{WORKERS} DataLoader workers, global batch {BATCH}, one epoch per pass, best of {rounds} interleaved "
         "passes per row; auto partitions (8 shards: P=8, more: P=64), shuffle window 4 shards.", "",

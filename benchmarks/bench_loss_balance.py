@@ -22,7 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from train.losses import LossConfig, _clip, GlobalBatch, cyclic_regularizers
+from train.config import LossConfig
+from train.losses.objective import _clip, GlobalBatch, cyclic_regularizers
 
 D = 512
 DESCRIPTION = ("Gradient share = ‖∇(λ₁·C_in + λ₂·C_cross)‖ / ‖∇L_clip‖ w.r.t. all N image and text feature rows, "

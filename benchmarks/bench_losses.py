@@ -55,7 +55,7 @@ def _measure(case: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from train.losses import GlobalBatch, _clip, cyclic_regularizers
+    from train.losses.objective import GlobalBatch, _clip, cyclic_regularizers
 
     torch.manual_seed(0)
     n, d = case["n"], case["d"]
@@ -72,7 +72,7 @@ def _measure(case: dict) -> dict:
             return [c_in.item(), c_cross.item()]
     else:
         # One rank's share after the all-gather: its b = N/W rows against all N gathered columns,
-        # the exact tensors train.losses builds on a rank (W = 1 is the full N×N logits).
+        # the exact tensors train.losses.objective builds on a rank (W = 1 is the full N×N logits).
         b = n // case["world"]
 
         def step():
@@ -151,7 +151,7 @@ def run(quick: bool) -> str:
     clip_n = 2048 if quick else 16384
     out = ["## Losses: CyCLIP regularisers (Gram vs naive) and CLIP local-loss memory", "",
            f"CyCLIP C_in + C_cross, forward + backward, fp32, d = {d}. Naive: the N×N similarity",
-           "matrices of CyCLIP's reference; Gram: `train.losses.cyclic_regularizers` (three d×d",
+           "matrices of CyCLIP's reference; Gram: `train.losses.objective.cyclic_regularizers` (three d×d",
            "Gram matrices, combined in fp64, hand-written backward). Peak = extra resident memory of",
            "the fwd+bwd in a fresh, warmed-up subprocess (resident high-water mark, reset just before,",
            "minus the resident size then; inputs allocated before; glibc's mmap threshold fixed so that",
@@ -161,7 +161,7 @@ def run(quick: bool) -> str:
            "difference is between the two values of the same run.", ""]
     out += _cyclip_table(sizes, d)
     out += ["", f"CLIP loss, forward + backward, fp32, N = {clip_n}, d = {d}: one rank's local loss (its",
-            "b = N/W rows against all N all-gathered columns, as `train.losses.clip_loss` computes it)",
+            "b = N/W rows against all N all-gathered columns, as `train.losses.objective.clip_loss` computes it)",
             "against the full N×N logits (W = 1). Per-rank memory falls as 1/W; the gathered N×d",
             "features are the same in both.", ""]
     out += _clip_table(clip_n, d, [2, 8, 64])

@@ -77,7 +77,7 @@ def run_open_clip_train(args: list, log_dir: Path, threads: int, what: str) -> f
 
 
 def run(quick: bool) -> str:
-    from tests.data_fixtures import make_digits_dataset
+    from tests.harness.data_fixtures import make_digits_dataset
 
     model, image_size, batch = "ViT-S-32", 64, 32
     steps, pairs = (12, 2) if quick else (16, 3)

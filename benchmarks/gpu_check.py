@@ -64,11 +64,11 @@ def check_gpu(dry: bool) -> str:
 # ------------------------------------------------------------------------------------------ 1. resume
 def _train(args: list[str], env: dict, log: Path, kill_during_save_at: int | None = None) -> int:
     """``python -m train ARGS``; with ``kill_during_save_at`` through the test harness's fault injection
-    (tests/rank_launcher.py: the rank SIGKILLs itself mid-save at that step)."""
+    (tests/harness/rank_launcher.py: the rank SIGKILLs itself mid-save at that step)."""
     import subprocess
 
     entry = ["-m", "train"] if kill_during_save_at is None else \
-        ["-m", "tests.rank_launcher", "--kill-during-save-at", str(kill_during_save_at), "--"]
+        ["-m", "tests.harness.rank_launcher", "--kill-during-save-at", str(kill_during_save_at), "--"]
     with open(log, "ab") as out:
         return subprocess.run([sys.executable, *entry, *args], cwd=ROOT, env=env, stdout=out,
                               stderr=subprocess.STDOUT).returncode
@@ -114,7 +114,7 @@ def shards_for(tmp: Path, s: dict) -> tuple[Path, Path]:
     (KeyError: 'fname' with the 0.2.111 this project pins), its CSV reader works with any."""
     import tarfile
 
-    from tests.data_fixtures import make_digits_dataset
+    from tests.harness.data_fixtures import make_digits_dataset
 
     per_shard = 256 if s["batch"] >= 256 else 32
     data = make_digits_dataset(tmp / "shards", n_train=min(1536, per_shard * 6), n_val=16, shard_size=per_shard,
@@ -166,8 +166,8 @@ def in_process(tmp: Path, data: Path, s: dict) -> dict:
     """One engine at the benchmark size: synthetic-data rate, peak memory, MFU, loss costs."""
     from common.config_loader import load_config
     from train.config import TrainConfig
-    from train.losses import ContrastiveObjective
-    from train.trainer import Trainer
+    from train.losses.objective import ContrastiveObjective
+    from train.core.trainer import Trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     cfg = load_config(TrainConfig, str(ROOT / "configs" / "pretrain_clip.yaml"), [
@@ -220,7 +220,7 @@ def flops_per_sample(cfg, device: torch.device, batch: dict) -> float:
     copy of the model (the engine's gradient hooks stay untouched); 2 samples measured."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from train.model import build_model
+    from train.model.build import build_model
 
     model = build_model(cfg.model, device)[0].train()
     counter = FlopCounterMode(display=False)
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        from tests.data_fixtures import make_digits_dataset
+        from tests.harness.data_fixtures import make_digits_dataset
 
         tiny_data = make_digits_dataset(tmp / "digits32", n_train=640, n_val=16, shard_size=128)
         print("gpu-check: 1/3 resume", flush=True)

@@ -1,4 +1,4 @@
-"""The launcher contract between the trainer and whatever starts it (slurm/*.sh, train.launch, train.demo).
+"""The launcher contract between the trainer and whatever starts it (slurm/*.sh, train.launch.executor, train.experiments.demo.run).
 
 Three facts, written once here and read by the shell scripts through ``python -m common.jobs``:
 
@@ -8,7 +8,7 @@ Three facts, written once here and read by the shell scripts through ``python -m
   first start the user's overrides come after it, so a user who names a checkpoint to start from wins;
   after a requeue it comes last, so the restarted job continues its own run instead of starting over.
 - ``LAUNCHER_VARS``: inside a SLURM or submitit job, the ranks and the rendezvous come from the job
-  (train.distributed.discover_launcher_env); these variables, copied from the submitting shell by sbatch
+  (train.core.distributed.discover_launcher_env); these variables, copied from the submitting shell by sbatch
   or by submitit's local executor, are stale there and are removed before the trainer starts.
 
 CLI (for shell scripts; arguments and output are NUL-safe)::
@@ -32,7 +32,7 @@ def resume_overrides(overrides: Iterable[str], restarted: bool) -> List[str]:
     """The trainer's ``key=value`` overrides with the resume rule applied (see the module docstring).
 
     ``restarted``: True after a requeue (SLURM_RESTART_COUNT > 0, a submitit checkpoint) and for drivers
-    that always continue their own run (train.demo). Any ``run.resume=latest`` already in ``overrides`` is
+    that always continue their own run (train.experiments.demo.run). Any ``run.resume=latest`` already in ``overrides`` is
     dropped first, so applying the rule twice changes nothing.
     """
     rest = [o for o in overrides if o != RESUME_LATEST]

@@ -4,7 +4,7 @@ A finished dataset folder looks like::
 
     OUT/
       manifest.json          # this module's Manifest, written last (its presence means "complete")
-      summary.json           # row accounting of the run that built it (see pipeline/summary.py)
+      summary.json           # row accounting of the run that built it (see pipeline/stages/summary.py)
       classnames.txt         # optional: one class name per line (classification sets)
       train/000000.tar ...   # WebDataset shards: {key}.{jpg|png|webp}, {key}.txt (caption), {key}.json (metadata)
       train/000000.idx ...   # each shard's sample index (.npy: start/end byte per sample; see write_sample_index)

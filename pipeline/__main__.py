@@ -32,9 +32,9 @@ from omegaconf import OmegaConf  # noqa: E402
 from pipeline import run as stages  # noqa: E402
 from common.config_loader import ConfigError, flat_fields, load_config, to_dict, to_yaml  # noqa: E402
 from common.atomic_files import atomic_write_text  # noqa: E402
-from pipeline.read_input import InputError, list_input_files  # noqa: E402
+from pipeline.stages.read_input import InputError, list_input_files  # noqa: E402
 from pipeline.settings import IngestConfig  # noqa: E402
-from pipeline.summary import EmptyDatasetError  # noqa: E402
+from pipeline.stages.summary import EmptyDatasetError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "configs" / "shards_demo.yaml"
@@ -76,8 +76,8 @@ def resolve_config(args, out: Path) -> IngestConfig:
 
 
 def cmd_demo(args) -> None:
-    from pipeline.demo_source import build_source, demo_sizes, write_classnames
-    from pipeline.http_server import LoopbackServer
+    from pipeline.demo.source import build_source, demo_sizes, write_classnames
+    from pipeline.demo.http_server import LoopbackServer
 
     out = Path(args.out)
     source = Path(f"{out}_source")
@@ -157,7 +157,7 @@ USER_ERRORS = (ConfigError, InputError, EmptyDatasetError, FileNotFoundError, No
 
 def dispatch(args) -> int | None:
     if args.command == "serve":
-        from pipeline.http_server import LoopbackServer
+        from pipeline.demo.http_server import LoopbackServer
 
         if not Path(args.folder).is_dir():
             raise InputError(f"serve {args.folder}: no such folder")

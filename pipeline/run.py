@@ -16,14 +16,14 @@ from typing import Callable, Dict, Iterable, List
 
 from tqdm import tqdm
 
-from pipeline.dedup import reduce_content, reduce_input_urls, reduce_url, scatter_input_urls, scatter_part
-from pipeline.download import download_part
-from pipeline.filter import filter_part
+from pipeline.stages.dedup import reduce_content, reduce_input_urls, reduce_url, scatter_input_urls, scatter_part
+from pipeline.stages.download import download_part
+from pipeline.stages.filter import filter_part
 from common.atomic_files import atomic_write_text
-from pipeline.read_input import InputError, list_input_files, normalize_part
-from pipeline.reshard import plan, reshard_partition
+from pipeline.stages.read_input import InputError, list_input_files, normalize_part
+from pipeline.stages.reshard import plan, reshard_partition
 from pipeline.settings import IngestConfig
-from pipeline.summary import check_not_empty, finalize, format_summary
+from pipeline.stages.summary import check_not_empty, finalize, format_summary
 
 log = logging.getLogger("pipeline")
 

@@ -74,7 +74,7 @@ class DownloadConfig:
     backoff_seconds: float = 1.0
     """First backoff step (s) when a retryable failure carries no Retry-After."""
     fetch_front: bool = True
-    """Fetch through the local fetch front (pipeline.fetch): Retry-After, UTF-8/IDNA URL encoding
+    """Fetch through the local fetch front (pipeline.stages.fetch): Retry-After, UTF-8/IDNA URL encoding
     and image normalisation (16-bit -> 8-bit, EXIF orientation applied) before img2dataset decodes.
     False: img2dataset fetches directly (faster on a clean list, none of those fixes). The front
     listens on 127.0.0.1: with distributor=pyspark on executors of other machines, set False."""

@@ -1,7 +1,7 @@
 # Shared body of slurm/pretrain.sh and slurm/finetune.sh, sourced by them inside the job.
 #
 # One srun task per GPU runs `$PYTHON -m train --config CONFIG key=value ...`. The trainer takes its
-# rank and rendezvous from submitit's TorchDistributedEnvironment (train/distributed.py): ranks from
+# rank and rendezvous from submitit's TorchDistributedEnvironment (train/core/distributed.py): ranks from
 # SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, MASTER_ADDR = first host of the allocation, MASTER_PORT
 # seeded by the job id, so every task and the requeued job agree; each rank logs it in rank-N.log.
 # Config values never pass through a shell string: the config path and the overrides travel as

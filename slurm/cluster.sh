@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A throw-away SLURM cluster of N "nodes" (default 2: n1, n2) on this one machine, for tests and
-# trials of slurm/*.sh and train/launch.py.  Usage: slurm/cluster.sh up|down|status
+# trials of slurm/*.sh and train/launch/executor.py.  Usage: slurm/cluster.sh up|down|status
 #
 # Everything it creates lives under $CLIP_SLURM_DIR (config, state, logs, PIDs); it edits /etc/hosts
 # (node names -> 127.0.0.1, marked lines) and, only when no slurm.conf exists there, links

@@ -18,9 +18,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """(dataset folder, model, eval transform, tokenizer, loss log): tests/eval_fixtures.py's tiny CLIP,
+    """(dataset folder, model, eval transform, tokenizer, loss log): tests/harness/eval_fixtures.py's tiny CLIP,
     trained once per session for the evaluation tests."""
-    from tests.eval_fixtures import train_tiny_clip
+    from tests.harness.eval_fixtures import train_tiny_clip
 
     return train_tiny_clip(tmp_path_factory.mktemp("eval"))
 

@@ -22,7 +22,7 @@ def _rank() -> int:
 
 def cli(argv: list) -> int:
     try:
-        from train.trainer import main
+        from train.core.trainer import main
 
         return main(argv)["exit_code"]
     except (ConfigError, FloatingPointError) as err:

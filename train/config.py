@@ -6,11 +6,116 @@ fine-tuning differ only in these values (the loss composition included), never i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 from common.config_loader import ConfigError
-from train.losses import LossConfig
-from train.model import ModelConfig
+from common.paths import CONFIGS
+
+CONFIG_DIR = CONFIGS / "model"
+"""This project's open_clip model configs (registered with open_clip by name)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_vit"
+    """open_clip model name (ViT-B-32, RN50, ...) or the stem of a JSON file in configs/model/."""
+    config_file: Optional[str] = None
+    """Path of an open_clip model-config JSON. open_clip registers it under its file stem, so when it is
+    set the model *is* that stem and ``name`` is replaced by it (a YAML's ``name`` never shadows it)."""
+    pretrained: Optional[str] = None
+    """Initial weights: a local file (open_clip state dict or this trainer's export) or an open_clip tag."""
+    force_image_size: Optional[int] = None
+    """Override the config's image size (e.g. 64 px for CPU benchmarks of built-in models)."""
+    aug_scale_min: float = 0.9
+    """Lower bound of RandomResizedCrop's area scale in the train transform (open_clip default 0.9)."""
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments passed to open_clip's model constructor."""
+
+    def __post_init__(self) -> None:
+        if self.config_file:
+            if not Path(self.config_file).is_file():
+                raise ValueError(f"model.config_file: no such file: {self.config_file}")
+            self.name = Path(self.config_file).stem
+
+
+
+MIX_TERMS = ("m2mix", "vmix", "lmix", "vlmix")
+MIX_SCHEDULES = ("constant", "inverse_epoch")
+
+
+@dataclass
+class LossConfig:
+    cyclip_in_modal: float = 0.0
+    """λ₁: weight of CyCLIP's in-modal term C_in (CyCLIP trains with 0.25 at N = 512)."""
+    cyclip_cross_modal: float = 0.0
+    """λ₂: weight of CyCLIP's cross-modal term C_cross (CyCLIP trains with 0.25 at N = 512)."""
+    cyclip_reference_batch: Optional[int] = None
+    """Global batch N_ref at which λ₁, λ₂ are stated; the applied weights are λ·N_ref/N, so the terms act
+    as N_ref × (mean over the N² pairs) and their gradient share next to the CLIP loss does not grow with
+    N (BENCHMARKS.md, losses). None = λ as given at every N (the paper's form). CyCLIP tuned 0.25 at 512."""
+    clip_logit_scale: Optional[float] = None
+    """Fixed multiplier s for the CLIP term and V/L/VL-Mix instead of the model's learned exp(logit_scale)
+    (m²-Mix's reference fine-tunes with τ = 0.01, i.e. 100); the learned scale then gets a zero gradient."""
+    m2mix_weight: float = 0.0
+    """w: weight of the m²-Mix term. This loss averages the image and text cross-entropies where the
+    reference sums them, so the reference's default 0.01 is 0.02 here (its sweep 0.001-0.05 is 0.002-0.1)."""
+    m2mix_alpha: float = 0.5
+    """α of the m²-Mix λ ~ Beta(α, α) (the reference's --beta2; 0.5 in its m²-Mix script)."""
+    m2mix_logit_scale: Optional[float] = None
+    """Multiplier s₂ = 1/τ₂ for the m²-Mix logits (the reference's --sep_scale uses 1/0.07); None = CLIP's s."""
+    vmix_weight: float = 0.0
+    """Weight of V-Mix (images mixed with images, soft targets; the reference's m³-Mix script uses 0.05)."""
+    vmix_alpha: float = 0.5
+    """α of V-Mix's own λ ~ Beta(α, α) (the reference's --betavariate)."""
+    lmix_weight: float = 0.0
+    """Weight of L-Mix (texts mixed with texts, soft targets)."""
+    lmix_alpha: float = 0.5
+    """α of L-Mix's own λ (the reference's --betavariate, shared with V-Mix there)."""
+    vlmix_weight: float = 0.0
+    """Weight of VL-Mix (both modalities mixed with the same λ)."""
+    vlmix_alpha: float = 0.5
+    """α of VL-Mix's own λ (the reference's --beta1)."""
+    mix_weight_schedule: str = "constant"
+    """``constant`` or ``inverse_epoch``: all mixing weights × 1/(epoch+1), the reference's --schedule."""
+    schedule_epoch_steps: int = 0
+    """Optimizer steps per epoch for ``inverse_epoch`` (samples per epoch / global batch); epoch =
+    step // this, counted by the objective's draw_lambda (once per step) and checkpointed with it."""
+
+    def __post_init__(self) -> None:
+        # Each message names its key and value (config keys live under the ``loss`` section).
+        for key, value in vars(self).items():
+            if key.endswith(("_weight", "_modal")) and value < 0:
+                raise ValueError(f"loss.{key}={value}: a loss weight must be ≥ 0")
+        for key in [f"{t}_alpha" for t in MIX_TERMS] + ["m2mix_logit_scale", "clip_logit_scale"]:
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                what = "a Beta(α, α) parameter" if key.endswith("_alpha") else "a fixed logit scale (or null)"
+                raise ValueError(f"loss.{key}={value}: {what} must be > 0")
+        if self.cyclip_reference_batch is not None and self.cyclip_reference_batch < 1:
+            raise ValueError(f"loss.cyclip_reference_batch={self.cyclip_reference_batch}: must be ≥ 1 or null")
+        if self.mix_weight_schedule not in MIX_SCHEDULES:
+            raise ValueError(f"loss.mix_weight_schedule={self.mix_weight_schedule}: must be one of "
+                             f"{', '.join(MIX_SCHEDULES)}")
+        if self.mix_weight_schedule == "inverse_epoch" and self.schedule_epoch_steps < 1:
+            raise ValueError(f"loss.schedule_epoch_steps={self.schedule_epoch_steps}: "
+                             "loss.mix_weight_schedule=inverse_epoch needs ≥ 1 (optimizer steps per epoch)")
+
+    @property
+    def mixes(self) -> bool:
+        return any(getattr(self, f"{t}_weight") > 0 for t in MIX_TERMS)
+
+    def cyclip_factor(self, global_rows: int) -> float:
+        """N_ref / N, the factor on λ₁, λ₂ at global batch N (1 without a reference batch)."""
+        return 1.0 if self.cyclip_reference_batch is None else self.cyclip_reference_batch / global_rows
+
+    def mix_weight_factor(self, step: int) -> float:
+        """Factor on every mixing weight at 0-based optimizer ``step``: 1, or 1/(epoch+1) (reference --schedule)."""
+        if self.mix_weight_schedule == "constant":
+            return 1.0
+        return 1.0 / (1 + step // self.schedule_epoch_steps)
+
+
 
 
 @dataclass
@@ -26,7 +131,7 @@ class DataConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank (decode + augment); 0 decodes in the training process."""
     partitions: int = 0
-    """P, the canonical streams of the order (train/shard_order.py). 0 = auto: the largest power of two
+    """P, the canonical streams of the order (train/data/shard_order.py). 0 = auto: the largest power of two
     <= min(64, #shards) dividing global_batch_size. Keep it fixed for a run: the order depends on it.
     Rule: P divides global_batch_size and the world size divides P (every rank reads P / W streams)."""
     shuffle_window: int = 4
@@ -122,7 +227,7 @@ class LoggingConfig:
     """Write RUN_DIR/sample_keys/rank{R}.jsonl: {step, keys} per step and rank (steps redone after a crash
     appear again further down; the last occurrence is the one the final weights saw)."""
     eval_every_steps: int = 0
-    """Run train/periodic_eval.py (zero-shot, retrieval, alignment) every this many steps (0 = never)."""
+    """Run train/evaluate/periodic.py (zero-shot, retrieval, alignment) every this many steps (0 = never)."""
     eval_split: str = "val"
     """Split of data.path the periodic evaluation reads."""
     eval_max_samples: int = 512
@@ -137,7 +242,7 @@ class RunConfig:
     """Seed of the data order, augmentations, model init and the mixup lambda sampler."""
     resume: str = ""
     """'' or 'none' starts fresh (removing RUN_DIR's old checkpoints); 'latest' continues this run from
-    RUN_DIR/checkpoints/latest (fresh if none; refused if a key of RESUME_KEYS in train/preflight.py differs
+    RUN_DIR/checkpoints/latest (fresh if none; refused if a key of RESUME_KEYS in train/core/preflight.py differs
     from the checkpoint's config); or a checkpoint dir (e.g. fine-tuning from another run: not compared)."""
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""

@@ -19,7 +19,7 @@ import torch
 
 from common.config_loader import ConfigError, load_config
 from common.shard_folder import read_manifest
-from train.shard_source import is_remote
+from train.data.shard_source import is_remote
 
 from .compare import compare
 from .config import EvalConfig, EvalInputError

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from common.atomic_files import atomic_write_text
 
-from .. import metrics
+from . import metrics
 from .config import EvalInputError
 from .core import headline
 from .report import markdown_table, metric_bars

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from ..corruptions import CORRUPTIONS, SEVERITIES
+from .corruptions import CORRUPTIONS, SEVERITIES
 
 # A small CLIP-style ensemble: several phrasings averaged per class, which smooths out the quirks of
 # any single template (Radford et al., 2021, §3.1.4).

@@ -8,7 +8,7 @@ import torch
 
 from common.shard_folder import read_manifest
 
-from .. import metrics
+from . import metrics
 from .config import EvalConfig
 from .data import Sample, encode_images, encode_texts, iter_samples, logit_scale_of, zero_shot_weights
 

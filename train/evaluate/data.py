@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.shard_folder import read_manifest
-from train.shard_source import KEY_EXT, is_remote, open_remote
+from train.data.shard_source import KEY_EXT, is_remote, open_remote
 
-from ..corruptions import corrupt
+from .corruptions import corrupt
 from .config import EvalInputError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -208,7 +208,7 @@ def load_model(checkpoint: str | Path, model_name: str = "", model_config: str =
         raise EvalInputError("a bare checkpoint needs model_name=... (or model_config=PATH)")
     import open_clip    # after the path checks: importing it takes seconds
 
-    from train.model import CONFIG_DIR, register_model_configs
+    from train.model.build import CONFIG_DIR, register_model_configs
 
     register_model_configs()    # the project's own configs/model/*.json by name, as in training (tiny_vit)
     if model_name not in open_clip.list_models():

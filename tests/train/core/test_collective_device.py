@@ -1,0 +1,102 @@
+"""Every tensor the trainer hands to a collective lives on the trainer's device, caught without a GPU.
+
+On a GPU DeepSpeed picks NCCL, which rejects CPU tensors; on this machine gloo takes CPU tensors, so a
+tensor created without ``device=`` would pass unnoticed. The test therefore makes "created without a
+device" and "on the trainer's device" two different places: the trainer's own methods run with torch's
+default device set to ``meta`` while the trainer's device is the CPU, and ``DeviceCheckedCollectives``
+(a test double around torch.distributed's collectives, over a real 1-process gloo group) rejects any
+collective whose tensor is not on the trainer's device. A forgotten ``device=`` now lands on ``meta``
+and fails here exactly as it would fail under NCCL. Verified to fail on the trainer before this check.
+"""
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from train.config import TrainConfig
+from train.core.state import TrainProgress
+from train.core.trainer import Trainer
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
+               "reduce_scatter_tensor", "all_to_all_single", "gather", "scatter")
+
+
+class DeviceCheckedCollectives:
+    """Test double: wraps torch.distributed's collectives; each one first checks that every tensor it is
+    given (directly or in a list) is on ``device``, then runs the real collective."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, device: torch.device):
+        self.device, self.calls = torch.device(device), []
+        for name in COLLECTIVES:
+            monkeypatch.setattr(dist, name, self._checked(name, getattr(dist, name)))
+
+    def _checked(self, name, real):
+        def collective(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            tensors += [t for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple))
+                        for t in a if isinstance(t, torch.Tensor)]
+            for t in tensors:
+                if t.device != self.device:
+                    raise AssertionError(f"dist.{name} got a tensor on {t.device}; the process group's device "
+                                         f"is {self.device} (NCCL would reject it)")
+            self.calls.append(name)
+            return real(*args, **kwargs)
+        return collective
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A real 1-process gloo group (the trainer's collectives run whenever one is initialised)."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def trainer_shell(device: str = "cpu") -> Trainer:
+    """The trainer's bookkeeping without a model or data: what its collective-making methods read."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.device, trainer.world_size = TrainConfig(), torch.device(device), 1
+    trainer.progress = TrainProgress(step=3, samples_seen=48, skipped_samples=5)
+    trainer._pending_skipped, trainer._stop_signal = 2, False
+    return trainer
+
+
+def test_the_double_rejects_a_tensor_off_the_groups_device(process_group, monkeypatch):
+    """The check can fail: a tensor made under the meta default device is refused before any reduction."""
+    checked = DeviceCheckedCollectives(monkeypatch, "cpu")
+    with torch.device("meta"), pytest.raises(AssertionError, match="got a tensor on meta"):
+        dist.all_reduce(torch.zeros(1))
+    dist.all_reduce(torch.ones(1, device="cpu"))
+    assert checked.calls == ["all_reduce"]
+
+
+def test_trainer_collectives_use_the_trainer_device(process_group, monkeypatch):
+    checked = DeviceCheckedCollectives(monkeypatch, "cpu")
+    trainer = trainer_shell("cpu")
+    on_device = dict(device="cpu")
+    terms = {"loss": torch.tensor(2.5, **on_device), "clip": torch.tensor([2.0], **on_device),
+             "lr": torch.tensor(1e-3, **on_device), "logit_scale": torch.tensor(14.0, dtype=torch.bfloat16, **on_device)}
+    with torch.device("meta"):  # anything created without device= lands here, not on the trainer's device
+        finite = trainer._all_finite(torch.tensor(1.0, **on_device))
+        not_finite = trainer._all_finite(torch.tensor(float("nan"), **on_device))
+        bf16_finite = trainer._all_finite(torch.tensor(3.0, dtype=torch.bfloat16, **on_device))
+        keep_going = trainer._stop_agreed(steps_this_process=1)
+        trainer._stop_signal = True
+        stop = trainer._stop_agreed(steps_this_process=1)
+        record = trainer._log(terms, wait_s=0.25, step_s=1.0)
+    assert (finite, not_finite, bf16_finite, keep_going, stop) == (True, False, True, False, True)
+    assert checked.calls == ["all_reduce"] * 6
+    # world size 1: the all-reduced values are the inputs themselves
+    assert record["loss"] == 2.5 and record["clip"] == 2.0 and record["logit_scale"] == 14.0
+    assert math.isclose(record["lr"], 1e-3, rel_tol=1e-6)
+    assert record["skipped_samples"] == 5 + 2 and record["step"] == 3 and record["data_wait_frac"] == 0.25
+    assert trainer._pending_skipped == 0

@@ -1,0 +1,140 @@
+"""Export a trained model as a plain open_clip state dict.
+
+``RUN_DIR/export/model.pt`` loads with ``open_clip.create_model_and_transforms(name, pretrained=path)``
+(register this project's configs first: ``train.model.build.register_model_configs()``), and is the
+``model.pretrained`` of fine-tuning configs. ``model_config.json`` beside it is the pure open_clip
+config (``open_clip.add_model_config`` registers it as "model_config"); ``info.json`` names the model.
+
+    python -m train.export RUN_DIR_or_CHECKPOINT_DIR [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from common.atomic_files import atomic_path
+from common.config_loader import ConfigError
+from train.model.build import export_state_dict, register_model_configs, write_model_config
+
+MODEL_FILE = "model.pt"
+
+
+def _write(state_dict: dict, out_dir: Path, model_name: str, config_file, max_logit_scale: float, info: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    register_model_configs(config_file)
+    with atomic_path(out_dir / MODEL_FILE) as tmp:
+        torch.save(export_state_dict(state_dict, max_logit_scale), tmp)
+    write_model_config(out_dir / "model_config.json", model_name)
+    (out_dir / "info.json").write_text(json.dumps({"model_name": model_name, **info}, indent=2))
+    return out_dir / MODEL_FILE
+
+
+def export_engine(engine, out_dir: Path, cfg, rank: int, step: int) -> Path | None:
+    """Export from a live DeepSpeed engine: the fp32 master weights, on CPU.
+
+    All ranks call it: under ZeRO 1-3 and bf16 the masters are partitioned, and assembling each one is a
+    collective. With bf16 weights the module holds rounded copies; the export takes the fp32 masters, so it
+    equals ``python -m train.export`` of the checkpoint saved at the same step.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    stage0_masters = _stage0_lowp_masters(engine.optimizer)
+    masters = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # ZeRO 1-3: assembled from the partitions (a collective)
+        if full is None:  # stage 0: bf16 params have per-parameter fp32 masters; fp32 params are their own
+            full = stage0_masters.get(id(param), param)
+        if rank == 0:
+            masters[name] = full.detach().float().cpu().clone()
+    if rank != 0:
+        return None
+    state_dict = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        state_dict[key] = masters[key] if key in masters else value.detach().float().cpu().clone()
+    return _write(state_dict, Path(out_dir), cfg.model.name, cfg.model.config_file, cfg.optim.max_logit_scale,
+                  {"step": step, "source": "live engine"})
+
+
+def _stage0_lowp_masters(optimizer) -> dict:
+    """id(bf16 param) -> its fp32 master, for DeepSpeed's stage-0 bf16 wrapper (FP16_UnfusedOptimizer)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return {}
+    return {id(p): m for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups) for p, m in zip(low, high)}
+
+
+def _stage0_state_dict(model_states: dict) -> dict:
+    """The fp32 weights of a stage-0 checkpoint: the module, with bf16 parameters replaced by the optimizer's
+    fp32 masters. Those are stored per param group, in the order of ``train.model.build.weight_decay_groups``."""
+    from train.model.build import decay_group_names
+
+    state_dict = dict(model_states["module"])
+    optimizer = model_states.get("optimizer") or {}
+    if "fp32_groups" not in optimizer:
+        return state_dict  # fp32 training: the module holds the weights
+    buffers = set(model_states.get("buffer_names") or [])
+    names = [g for g in decay_group_names([(k, v.ndim) for k, v in state_dict.items() if k not in buffers]) if g]
+    for group_names, masters in zip(names, optimizer["fp32_groups"]):
+        if len(group_names) != len(masters):
+            raise ValueError("stage-0 checkpoint: optimizer groups do not match the module's parameters")
+        for name, master in zip(group_names, masters):
+            state_dict[name] = master
+    return state_dict
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Export from a sharded checkpoint folder (or a run folder: its ``latest``), on CPU, in one process."""
+    from train.core.checkpoint import LATEST, CheckpointManager
+
+    path = Path(checkpoint)
+    if (path / "checkpoints" / LATEST).is_file():
+        path = path / "checkpoints" / (path / "checkpoints" / LATEST).read_text().strip()
+    check_export_source(path)
+    state = CheckpointManager.load_trainer_state(path)
+    cfg = state["config"]
+    if any(path.glob("*zero_pp_rank_*_optim_states.pt")) and cfg["zero"]["stage"] > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:  # ZeRO stage 0: rank 0's model file holds the full weights. DeepSpeed pickles config objects
+        # into it, so weights_only=True cannot read it; it is our own run's file, not a downloaded one.
+        state_dict = _stage0_state_dict(torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
+                                                   weights_only=False))
+    run_dir = path.parent.parent
+    out = Path(out_dir) if out_dir else run_dir / "export"
+    return _write(state_dict, out, cfg["model"]["name"], cfg["model"]["config_file"], cfg["optim"]["max_logit_scale"],
+                  {"step": state["step"], "source": str(path)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="a run folder (exports its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
+    args = parser.parse_args(argv)
+    try:
+        print(export_checkpoint(args.path, args.out))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_export_source(path: Path) -> None:
+    """ConfigError (one line) unless ``path`` is a run folder with a complete checkpoint or a checkpoint folder."""
+    from train.core.checkpoint import LATEST, TRAINER_STATE
+
+    if not path.exists():
+        raise ConfigError(f"{path}: no such run or checkpoint folder")
+    if not path.is_dir():
+        raise ConfigError(f"{path} is a file: give a run folder (RUN_DIR, its latest checkpoint is exported) "
+                          "or a checkpoint folder (RUN_DIR/checkpoints/step_N)")
+    if not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"{path}: neither a checkpoint folder (no {TRAINER_STATE}) nor a run folder with a "
+                          f"complete checkpoint (no checkpoints/{LATEST}): train it first, or name a checkpoint")

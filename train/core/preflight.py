@@ -1,0 +1,183 @@
+"""Checks of a training run that need no model, no DeepSpeed and no process group (a second or two).
+
+``python -m train`` runs them on every rank before anything heavy starts, so a user mistake ends
+in one line (printed by rank 0) instead of a traceback per rank; ``python -m train --dry-run`` runs
+only them (``make pretrain`` / ``make finetune`` do, before starting torchrun). Each failure is a
+:class:`common.config_loader.ConfigError` naming the key to fix.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from common.config_loader import ConfigError, flat_fields, to_dict
+from common.shard_folder import read_manifest
+from train.config import TrainConfig
+
+SHARDS_HINT = "build it with `make shards` (python -m pipeline demo --out DIR, or python -m pipeline run)"
+
+
+# The keys that define a run: run.resume=latest refuses to continue this run's checkpoint when one of them
+# (or anything under a listed section) differs from the checkpoint's config. Free to change on a resume:
+# optim.steps (extending a run), optim.max_nonfinite_steps and optim.fused_adamw (safety knob and kernel
+# choice), data.accum_freq (feature caching keeps the gradient of the whole batch), zero.stage and the
+# world size (elastic resume), data.num_workers/cache_*/retries/storage_options, model.config_file (its
+# stem is model.name, compared), checkpoint.*, logging.*, run.device/run_dir/stop_after_steps.
+RESUME_KEYS = ("model.", "loss.", "optim.", "data.path", "data.split", "data.global_batch_size", "data.partitions",
+               "data.shuffle_window", "run.seed", "zero.precision", "zero.bf16_mode")
+RESUME_FREE = ("optim.steps", "optim.max_nonfinite_steps", "optim.fused_adamw", "model.config_file")
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> Optional[dict]:
+    """Raise ConfigError for the first problem found: batch vs world size, dataset folder, split,
+    global batch vs split size, data.partitions vs world size, run.run_dir, run.resume (and, for
+    run.resume=latest, a changed run-defining key), model.name, model.pretrained.
+
+    Returns {step, message} when run.resume=latest finds this run already finished (nothing to do), else None."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    cfg.check_world_size(world_size)
+    check_dataset(cfg, world_size)
+    check_run_dir(cfg)
+    finished = check_resume(cfg)
+    check_model(cfg)
+    check_pretrained(cfg)
+    return finished
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    path = Path(cfg.run.run_dir)
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"run.run_dir={cfg.run.run_dir}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"run.run_dir={cfg.run.run_dir}: {parent} is not writable")
+            return
+
+
+def check_dataset(cfg: TrainConfig, world_size: int) -> None:
+    from train.data.loader import make_order
+
+    data = cfg.data
+    try:
+        manifest = read_manifest(data.path, dict(data.storage_options or {}))
+    except FileNotFoundError:
+        if "://" in data.path or data.path.startswith("pipe:"):
+            raise ConfigError(f"data.path={data.path}: no manifest.json there (not a finished dataset folder)") from None
+        what = "does not exist" if not Path(data.path).exists() else "has no manifest.json (not a finished dataset)"
+        raise ConfigError(f"data.path={data.path} {what}: {SHARDS_HINT}") from None
+    except (ValueError, KeyError, OSError) as err:  # unreadable or foreign manifest.json, unreachable store
+        raise ConfigError(f"data.path={data.path}: cannot read its manifest ({' '.join(str(err).split())})") from None
+    splits = [data.split] + ([cfg.logging.eval_split] if cfg.logging.eval_every_steps else [])
+    for key, split in zip(("data.split", "logging.eval_split"), splits):
+        if split not in manifest.splits:
+            raise ConfigError(f"{key}={split}: no such split in {data.path} (has: {', '.join(sorted(manifest.splits))})")
+    try:
+        order = make_order(manifest, data.split, data.global_batch_size, data.partitions, data.shuffle_window,
+                           cfg.run.seed)
+        order.rank_streams(0, world_size)
+    except ValueError as err:
+        size = manifest.split(data.split).num_samples
+        raise ConfigError(f"{' '.join(str(err).split())} (split '{data.split}' of {data.path}: {size} samples, "
+                          f"data.global_batch_size={data.global_batch_size}, {world_size} ranks)") from None
+
+
+def check_resume(cfg: TrainConfig) -> Optional[dict]:
+    from train.core.checkpoint import FRESH, LATEST, CheckpointManager, complete_checkpoint, latest_checkpoint
+
+    if cfg.run.resume.lower() in FRESH:
+        return None
+    if cfg.run.resume != LATEST:  # an explicit checkpoint (e.g. fine-tuning from another run): not compared
+        try:
+            complete_checkpoint(cfg.run.resume)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+        return None
+    latest = latest_checkpoint(cfg.run.run_dir)
+    if latest is None:
+        return None
+    try:
+        saved = CheckpointManager.load_trainer_state(latest)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise ConfigError(f"run.resume=latest: {latest} is unreadable ({' '.join(str(err).split())[:200]}); "
+                          "use a new run.run_dir, or run.resume=none to start over in this one") from None
+    changed = changed_run_keys(saved.get("config", {}), to_dict(cfg))
+    if changed:
+        raise ConfigError(f"run.resume=latest: {cfg.run.run_dir} was trained with other settings "
+                          f"({'; '.join(changed)}); use a new run.run_dir, or run.resume=none to start over in "
+                          "this one, or pass the old values to continue it")
+    step = int(saved.get("step", 0))
+    exported = not cfg.checkpoint.export or (Path(cfg.run.run_dir) / "export" / "model.pt").is_file()
+    if step >= cfg.optim.steps and exported:  # (without its export the trainer starts, to write it)
+        return {"step": step, "message": f"run already finished at step {step} (optim.steps={cfg.optim.steps}) in "
+                f"{cfg.run.run_dir}: nothing to train; raise optim.steps to extend it, or use a new run.run_dir"}
+    return None
+
+
+def changed_run_keys(saved: dict, current: dict) -> list:
+    """'key: old -> new' for every run-defining key (RESUME_KEYS) whose value differs from the saved config."""
+    old, new = flat_fields(saved), flat_fields(current)
+    defining = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_KEYS)  # noqa: E731
+    keys = [k for k in new if k in old and k not in RESUME_FREE and defining(k)]
+    return [f"{k}: {old[k]} -> {new[k]}" for k in keys if old[k] != new[k]]
+
+
+def check_model(cfg: TrainConfig) -> None:
+    """model.name must be an open_clip model or a configs/model/ stem; a tag must be one open_clip knows."""
+    import open_clip
+
+    from train.model.build import CONFIG_DIR, register_model_configs
+
+    register_model_configs(cfg.model.config_file)
+    if open_clip.get_model_config(cfg.model.name) is None:
+        ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise ConfigError(f"model.name={cfg.model.name}: not an open_clip model (this project's: {', '.join(ours)}; "
+                          "open_clip's: open_clip.list_models()), or set model.config_file to a model-config JSON")
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """A path-like model.pretrained must be a file (anything else is an open_clip tag, which needs network)."""
+    weights = cfg.model.pretrained
+    if weights and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))) \
+            and not os.path.isfile(weights):
+        hint = ""
+        if weights.endswith(os.path.join("export", "model.pt")):
+            run_dir = Path(weights).parent.parent
+            hint = (f": train it first (make pretrain writes runs/pretrain_cyclip/export/model.pt), or export a "
+                    f"checkpoint with python -m train.export {run_dir}")
+        raise ConfigError(f"model.pretrained={weights}: no such file{hint}")
+    if weights and os.path.isfile(weights):
+        check_weights_file(weights)
+    elif weights:
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(cfg.model.name)
+        if weights not in tags:
+            raise ConfigError(f"model.pretrained={weights}: not a file, nor a pretrained tag open_clip knows for "
+                              f"{cfg.model.name} (its tags: {', '.join(tags) or 'none'})")
+
+
+def check_weights_file(weights: str) -> None:
+    """The file must load as a state dict (memory-mapped: no copy of a large file is read)."""
+    import torch
+
+    try:
+        if weights.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(weights, framework="pt") as f:
+                state = {key: None for key in f.keys()}
+        else:
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:  # legacy (non-zip) torch.save files cannot be memory-mapped
+                if "mmap" not in str(err):
+                    raise
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever the file is, it is not weights torch can load
+        raise ConfigError(f"model.pretrained={weights}: not a weights file torch can load "
+                          f"({type(err).__name__}: {' '.join(str(err).split())[:150]})") from None
+    if not isinstance(state, dict) or not state:
+        raise ConfigError(f"model.pretrained={weights}: holds a {type(state).__name__}, not a state dict")

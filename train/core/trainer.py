@@ -1,0 +1,314 @@
+"""The one training loop: DeepSpeed ZeRO, feature-cached accumulation, exact resume, preemption-safe.
+
+Pretraining (CLIP, CyCLIP) and fine-tuning (m2-Mix, plain) are configs: the loss composition comes
+from ``cfg.loss`` through ``ContrastiveObjective``, so nothing here branches per method.
+
+Lifecycle (after torchtitan's trainer): ``Trainer(cfg)`` builds the engine and registers every stateful
+component once with the ``CheckpointManager``, which saves and loads them all; ``fit()`` runs the loop;
+``close()`` (called by ``main``'s ``finally``, on any exit) stops loader workers and closes the writers.
+One step is ``forward_backward_step`` (gradients only) then ``optimizer_step`` (the update).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from common.config_loader import load_config, to_dict, to_yaml
+from common.jobs import EXIT_REQUEUE
+from train.core.checkpoint import CheckpointManager, to_universal
+from train.config import TrainConfig
+from train.core.distributed import discover_launcher_env, init_distributed_from_env
+from train.core.export import export_engine
+from train.losses.objective import ContrastiveObjective
+from train.model.build import build_model
+from train.core.engine import build_optimizer, deepspeed_config, keep_freed_memory, pick_device, uses_bf16
+from train.core.schedule import cosine_lr
+from train.core.step import ContrastiveStep, set_lr
+from train.core.preflight import preflight
+from train.core.run_log import MetricsWriter, SampleKeysWriter
+from train.core.state import RNGState, StatefulLoader, TrainProgress
+
+log = logging.getLogger("train")
+EXIT_OK = 0
+# EXIT_REQUEUE (common.jobs): the exit code after a checkpoint on SIGUSR1/SIGTERM (or run.stop_after_steps).
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self._closing = contextlib.ExitStack()  # what __init__ opened, closed in reverse order by close()
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.rank, self.world_size, self.local_rank = init_distributed_from_env(device=cfg.run.device)
+        self.per_rank = cfg.check_world_size(self.world_size)
+        self.micro_batch = self.per_rank // cfg.data.accum_freq
+        self.device = pick_device(cfg.run.device, self.local_rank)
+        self.bf16 = uses_bf16(cfg.zero.precision, self.device)
+        if self.device.type == "cpu" and cfg.run.cpu_allocator_cache:
+            keep_freed_memory()  # ~240 MB of fresh gradient buffers a step (ViT-S-32) were page faults
+        self.run_dir = Path(cfg.run.run_dir)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.rank)
+        resume_from, universal = self._resume_point()
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model, self.train_transform, self.eval_transform, self.tokenizer = build_model(cfg.model, self.device)
+        self.engine = self._build_engine(model, universal)
+        self.objective = ContrastiveObjective(cfg.loss, cfg.run.seed)
+        self.step_fn = ContrastiveStep(
+            self.engine, self.objective, cfg.optim.max_logit_scale, cfg.data.accum_freq,
+            backward=lambda loss: self.engine.backward(loss, scale_wrt_gas=False),
+            set_boundary=self.engine.set_gradient_accumulation_boundary, all_finite=self._all_finite)
+        self.progress = TrainProgress()
+        self.loader = StatefulLoader(cfg.data, self.rank, self.world_size, cfg.run.seed, cfg.optim.steps,
+                                     self.train_transform, self.tokenizer)
+        self._closing.callback(self.loader.close)  # DataLoader workers stop before the process group goes
+        # The one list of what a checkpoint holds besides the engine.
+        self.checkpoints.register(
+            self.engine, states={"progress": self.progress, "data": self.loader, "objective": self.objective},
+            rank_states={"rng": RNGState()}, meta={"world_size": self.world_size, "config": to_dict(cfg)})
+        if resume_from is not None:
+            self.checkpoints.load(resume_from)
+            if self.rank == 0:
+                log.info("resumed from %s at step %d", resume_from, self.progress.step)
+        self._stop_signal = False
+        self._pending_skipped = 0  # corrupt samples replaced on this rank since the last log line
+        self.metrics = self.keys_file = None
+        if self.rank == 0:
+            self.metrics = MetricsWriter(self.run_dir, self.progress.step, cfg.logging.tensorboard)
+            self._closing.callback(self.metrics.close)
+        if cfg.logging.log_sample_keys:
+            self.keys_file = SampleKeysWriter(self.run_dir, self.rank)
+            self._closing.callback(self.keys_file.close)
+
+    def _resume_point(self) -> tuple[Optional[Path], bool]:
+        """The checkpoint to resume from (None: fresh start), and whether it goes through the universal format."""
+        resume_from = self.checkpoints.resolve(self.cfg.run.resume)
+        if resume_from is None:
+            return None, False
+        saved = CheckpointManager.load_trainer_state(resume_from)
+        # Elastic resume: ZeRO-1/2/3 partition the optimizer state by world size, so they go through one
+        # universal-checkpoint conversion; stage 0 saves it whole and loads as it is on any world size.
+        if saved["world_size"] != self.world_size and saved["config"]["zero"]["stage"] > 0:
+            return to_universal(resume_from, self.rank), True
+        return resume_from, False
+
+    def _build_engine(self, model: torch.nn.Module, universal: bool):
+        import deepspeed
+
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(model, self.cfg.optim),
+            config=deepspeed_config(self.cfg, self.micro_batch, self.bf16, universal))
+        return engine
+
+    # ---------------------------------------------------------------- one step
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype images must have at the engine: its weights' (bf16 with zero.bf16_mode=weights)."""
+        return torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+
+    def forward_backward_step(self, images: torch.Tensor, texts: torch.Tensor, lam: Optional[dict]) -> Optional[dict]:
+        """Forward, loss over the whole per-rank batch (all negatives), backward: gradients only, no update
+        (train/core/step.py). Returns the loss terms, or None (no backward ran) when the loss is not finite
+        on some rank."""
+        return self.step_fn(images, texts, lam)
+
+    def optimizer_step(self, lr: float) -> None:
+        """The update: learning rate, gradient clipping, AdamW, and (ZeRO) the parameter all-gather."""
+        set_lr(self.engine.optimizer, lr)
+        self.engine.step()
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        # Every tensor a collective touches lives on the trainer's device: NCCL (DeepSpeed's backend on
+        # CUDA) rejects CPU tensors. isfinite stays on the device too (no host sync before the reduce).
+        bad = (~torch.isfinite(loss.detach().float())).float().reshape(1).to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank must agree to skip, or collectives hang
+        return bad.item() == 0.0
+
+    def train_step(self, batch: dict) -> Optional[dict]:
+        """forward_backward_step, then optimizer_step unless the loss was not finite (the step is skipped)."""
+        lr = cosine_lr(self.progress.step, self.cfg.optim)
+        lam = self.objective.draw_lambda() if self.cfg.loss.mixes else None
+        images = batch["image"].to(self.device, dtype=self.input_dtype, non_blocking=True)
+        texts = batch["text"].to(self.device, non_blocking=True)
+        terms = self.forward_backward_step(images, texts, lam)
+        if terms is not None:
+            self.optimizer_step(lr)
+        progress = self.progress
+        progress.step += 1
+        progress.samples_seen += self.cfg.data.global_batch_size
+        if terms is None:
+            progress.nonfinite_total += 1
+            progress.nonfinite_in_row += 1
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", progress.step, progress.nonfinite_in_row)
+            if progress.nonfinite_in_row >= self.cfg.optim.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{progress.nonfinite_in_row} consecutive steps had a NaN/inf loss (last at step {progress.step}); "
+                    "aborting. Lower optim.lr, check the data, or resume from an earlier checkpoint.")
+            return None
+        progress.nonfinite_in_row = 0
+        terms["lr"] = torch.tensor(lr, device=self.device)
+        return terms
+
+    def evaluate(self) -> dict:
+        """The light periodic evaluation. Every rank runs it: under ZeRO-3 a forward needs all of them."""
+        from train.evaluate.periodic import evaluate_model
+
+        results = evaluate_model(self.engine, self.tokenizer, self.eval_transform, self.cfg.data.path,
+                                 self.cfg.logging.eval_split, self.cfg.logging.eval_max_samples)
+        return {f"eval/{name}": float(value) for name, value in results.items()}
+
+    # ---------------------------------------------------------------- loop
+    def _request_stop(self, signum, _frame) -> None:
+        log.warning("signal %d: will checkpoint and exit with %d at the next step boundary", signum, EXIT_REQUEUE)
+        self._stop_signal = True
+
+    def _stop_agreed(self, steps_this_process: int) -> bool:
+        limit = self.cfg.run.stop_after_steps
+        flag = torch.tensor([1.0 if self._stop_signal or (limit and steps_this_process >= limit) else 0.0],
+                            device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a signal to any rank stops all of them together
+        return flag.item() > 0
+
+    def _log(self, terms: dict, wait_s: float, step_s: float) -> dict:
+        names = sorted(terms)
+        values = torch.stack([terms[n].float().reshape(()).to(self.device) for n in names]
+                             + [torch.tensor(float(self._pending_skipped), device=self.device)])
+        self._pending_skipped = 0
+        if dist.is_initialized():
+            dist.all_reduce(values)
+            values /= self.world_size  # row-wise loss terms are rank shares that average to the global value
+        values = values.tolist()  # one device-to-host copy for all terms
+        record = dict(zip(names, values[:-1]))
+        progress = self.progress
+        progress.skipped_samples += int(round(values[-1] * self.world_size))
+        record.update(step=progress.step, samples_seen=progress.samples_seen,
+                      samples_per_s=self.cfg.data.global_batch_size / step_s, data_wait_frac=wait_s / step_s,
+                      skipped_samples=progress.skipped_samples)
+        return record
+
+    def _report(self, terms: dict, wait_s: float, step_s: float, bar) -> dict:
+        """Rank 0 writes the step's all-reduced loss terms (and the periodic evaluation) to metrics/TensorBoard."""
+        record = self._log(terms, wait_s, step_s)
+        every, step = self.cfg.logging.eval_every_steps, self.progress.step
+        if every and (step % every == 0 or step == self.cfg.optim.steps):
+            record.update(self.evaluate())
+        if self.metrics is not None:
+            self.metrics.write(record)
+        if bar is not None:
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("samples_per_s", "loss", *sorted(terms)) if k in record},
+                            refresh=False)
+        return record
+
+    def fit(self) -> dict:
+        """Train to optim.steps, or until a stop signal / run.stop_after_steps (checkpoint, EXIT_REQUEUE)."""
+        cfg, progress = self.cfg, self.progress
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self._request_stop)
+        bar = None
+        if self.rank == 0 and cfg.logging.progress_bar:
+            from tqdm import tqdm
+            bar = self._closing.enter_context(tqdm(total=cfg.optim.steps, initial=progress.step, desc="train",
+                                                   dynamic_ncols=True))
+        # A run resumed from a checkpoint already holds a checkpoint at its current step.
+        last, exit_code, steps_here = {}, EXIT_OK, 0
+        saved_at = progress.step if progress.step > 0 else -1
+        self.engine.train()
+        batches = iter(self.loader)
+        while progress.step < cfg.optim.steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait_s = time.perf_counter() - t0
+            if self.keys_file is not None:
+                self.keys_file.write(progress.step, batch["keys"])
+            self._pending_skipped += batch["skipped"]
+            terms = self.train_step(batch)
+            steps_here += 1
+            if terms is not None and (progress.step % cfg.logging.every_steps == 0 or progress.step == cfg.optim.steps):
+                last = self._report(terms, wait_s, time.perf_counter() - t0, bar)
+            if bar is not None:
+                bar.update(1)
+            if progress.step % cfg.checkpoint.every_steps == 0 and progress.step < cfg.optim.steps:
+                saved_at = self.save()
+            if progress.step < cfg.optim.steps and self._stop_agreed(steps_here):
+                if saved_at != progress.step:
+                    self.save()
+                exit_code = EXIT_REQUEUE
+                break
+        else:
+            self._finish(saved_at)
+        return {"step": progress.step, "exit_code": exit_code, "run_dir": str(self.run_dir), "last": dict(last),
+                "skipped_samples": progress.skipped_samples, "nonfinite_steps": progress.nonfinite_total}
+
+    def save(self) -> int:
+        """A checkpoint of the engine and every registered component at the current step; returns the step."""
+        self.checkpoints.save(self.progress.step)
+        return self.progress.step
+
+    def _finish(self, saved_at: int) -> None:
+        if saved_at != self.progress.step:
+            self.save()
+        if self.cfg.checkpoint.export:
+            export_engine(self.engine, self.run_dir / "export", self.cfg, self.rank, self.progress.step)
+
+    def close(self) -> None:
+        """Stop loader workers, close the progress bar and writers (idempotent; any exit path)."""
+        self._closing.close()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train", description="DeepSpeed ZeRO CLIP/CyCLIP/m2-Mix trainer")
+    parser.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only check the config, dataset, resume checkpoint and pretrained weights for "
+                             "--world-size ranks (no model, no DeepSpeed), then exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: the rank count to check for (default: the launcher's, else 1)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.steps=100 zero.stage=2")
+    return parser.parse_intermixed_args(argv)  # flags may sit among the key=value overrides
+
+
+def main(argv: list[str]) -> dict:
+    """Run a whole training in this process (any launcher) and return its summary.
+
+    Raises ConfigError for a user mistake, found before DeepSpeed starts (``train.core.preflight``) where it can
+    be. The summary's ``exit_code`` is EXIT_REQUEUE when the run stopped early on a signal after
+    checkpointing; ``python -m train`` exits with it. The process group stays up (a driver may run
+    several trainings in one process); ``python -m train`` takes it down on exit.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DeepSpeed calls torch collectives that torch has renamed; the warning is theirs, once per call.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    args = parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    world_size = args.world_size if args.dry_run and args.world_size is not None else None  # 0 is checked too
+    world_size = int(discover_launcher_env()["WORLD_SIZE"]) if world_size is None else world_size
+    finished = preflight(cfg, world_size)  # {step, message} when run.resume=latest finds this run already done
+    if finished and not args.dry_run and discover_launcher_env()["RANK"] == "0":
+        log.info("%s", finished["message"])
+    if args.dry_run or finished:
+        return {"step": (finished or {}).get("step", 0), "exit_code": EXIT_OK, "run_dir": cfg.run.run_dir, "last": {}}
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

@@ -1,0 +1,87 @@
+"""A light evaluation the trainer runs every N steps on a small held-out split.
+
+One clean pass, no corruptions, no files: returns flat scalars the trainer logs to metrics.jsonl and
+TensorBoard (prefix them, e.g. ``eval/zero_shot_top1``). Works on any model with ``encode_image`` and
+``encode_text`` (a DeepSpeed engine is unwrapped to its module); the model's train/eval mode is restored.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+from common.shard_folder import read_manifest
+
+from . import metrics
+from .config import DEFAULT_TEMPLATES
+from .core import retrieval_groups
+from .data import encode_images, encode_texts, iter_samples, logit_scale_of, zero_shot_weights
+
+
+def evaluate_model(model, tokenizer: Callable, eval_transform: Callable, dataset_folder: str, split: str = "val",
+                   max_samples: int = 512, classnames: Optional[Sequence[str]] = None,
+                   templates: Optional[Sequence[str]] = None, batch_size: int = 128) -> Dict[str, float]:
+    """Zero-shot top-1/top-5 (labelled sets), retrieval R@1/R@5 both ways (captioned sets; identical
+    captions merged), alignment and modality gap on the first ``max_samples`` samples of ``split``."""
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return _evaluate(_CastInputs(module), tokenizer, eval_transform, dataset_folder, split, max_samples,
+                             classnames, templates or DEFAULT_TEMPLATES, batch_size)
+    finally:
+        module.train(was_training)
+
+
+class _CastInputs:
+    """The model as the evaluation helpers see it: images cast to the weights' dtype (bf16 weights under
+    zero.precision=bf16, zero.bf16_mode=weights; the helpers move them to the weights' device), features
+    and logit scale returned in fp32, so the metrics are computed in fp32 on any engine."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def encode_image(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.module.encode_image(images.to(self.dtype), **kwargs).float()
+
+    def encode_text(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.module.encode_text(tokens, **kwargs).float()
+
+    @property
+    def logit_scale(self):
+        scale = getattr(self.module, "logit_scale", None)
+        return None if scale is None else scale.detach().float()
+
+
+def _evaluate(model, tokenizer, eval_transform, folder, split, max_samples, classnames, templates, batch_size):
+    keys_labels_captions = []
+
+    def recorded():
+        for s in iter_samples(folder, split, max_samples):
+            keys_labels_captions.append((s.label, s.caption))
+            yield s
+
+    image_features = encode_images(model, eval_transform, recorded(), batch_size)
+    labels = [lab for lab, _ in keys_labels_captions]
+    captions = [cap for _, cap in keys_labels_captions]
+    out: Dict[str, float] = {"num_samples": float(len(image_features))}
+    classnames = list(classnames or read_manifest(folder).classnames() or [])
+    if classnames and all(lab is not None for lab in labels):
+        weights = zero_shot_weights(model, tokenizer, classnames, templates, batch_size)
+        logits = logit_scale_of(model) * image_features @ weights.T
+        acc = metrics.topk_accuracy(logits, torch.tensor(labels), (1, 5))
+        out["zero_shot_top1"], out["zero_shot_top5"] = acc[1], acc[5]
+    if all(c is not None for c in captions):
+        texts, image_group, text_group = retrieval_groups(captions, None, "caption")
+        text_features = encode_texts(model, tokenizer, texts, batch_size)
+        recalls = metrics.retrieval_recalls(image_features, text_features, image_group, text_group, (1, 5))
+        out.update({k.replace("@", "_at_"): v for k, v in recalls.items()})
+        paired = text_features[image_group]
+        out["alignment"] = metrics.alignment(image_features, paired)
+        out["modality_gap"] = metrics.modality_gap(image_features, paired)
+    return out

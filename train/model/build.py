@@ -1,0 +1,95 @@
+"""open_clip models for the trainer: by name or by model-config file, with optional initial weights."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from train.config import CONFIG_DIR, ModelConfig
+
+
+def register_model_configs(config_file: Optional[str] = None) -> None:
+    """Make this project's model configs (and ``config_file``) known to open_clip by name."""
+    import open_clip
+
+    if str(CONFIG_DIR) not in [str(p) for p in open_clip.factory._MODEL_CONFIG_PATHS]:
+        open_clip.add_model_config(CONFIG_DIR)
+    if config_file:
+        open_clip.add_model_config(Path(config_file))
+
+
+def model_config_dict(name: str) -> dict:
+    """The resolved open_clip model-config dict of a (registered) model name."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model '{name}' (known: built-ins and {CONFIG_DIR})")
+    return cfg
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Tuple[torch.nn.Module, Any, Any, Any]:
+    """Create ``(model, train_transform, eval_transform, tokenizer)``.
+
+    The model has a 1-element logit_scale (``nonscalar_logit_scale=True``) because DeepSpeed cannot
+    flatten 0-dim parameters. ``pretrained`` that names an existing file is loaded with
+    ``weights_only=True`` (open_clip converts the scalar logit_scale of exported files); anything
+    else is passed to open_clip as a pretrained tag (needs network or open_clip's cache).
+    """
+    import open_clip
+
+    name = cfg.name
+    if cfg.config_file:
+        register_model_configs(cfg.config_file)
+        name = Path(cfg.config_file).stem  # what open_clip registered it as (ModelConfig sets name to it too)
+    else:
+        register_model_configs()
+    local_weights = cfg.pretrained if cfg.pretrained and os.path.isfile(cfg.pretrained) else None
+    tag = None if local_weights or not cfg.pretrained else cfg.pretrained
+    model, train_transform, eval_transform = open_clip.create_model_and_transforms(
+        name, pretrained=tag, device=device, force_image_size=cfg.force_image_size,
+        aug_cfg={"scale": (cfg.aug_scale_min, 1.0)}, nonscalar_logit_scale=True, **cfg.model_kwargs)
+    if local_weights:
+        open_clip.load_checkpoint(model, local_weights, weights_only=True, device=device)
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, train_transform, eval_transform, tokenizer
+
+
+def _decays(pname: str, ndim: int) -> bool:
+    return not (ndim < 2 or "bias" in pname or "logit_scale" in pname or ".ln" in pname or "bn" in pname)
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """AdamW param groups: no decay for gains, biases, norms, embeddings of ndim < 2 and logit_scale."""
+    params = {pname: p for pname, p in model.named_parameters() if p.requires_grad}
+    decay, no_decay = decay_group_names([(pname, p.ndim) for pname, p in params.items()])
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+
+
+def decay_group_names(named_ndims: list) -> tuple:
+    """(names with weight decay, names without), each in the given order: the optimizer's two param groups."""
+    decay = [name for name, ndim in named_ndims if _decays(name, ndim)]
+    return decay, [name for name, ndim in named_ndims if not _decays(name, ndim)]
+
+
+def export_state_dict(state_dict: Dict[str, torch.Tensor], max_logit_scale: float) -> Dict[str, torch.Tensor]:
+    """A plain open_clip state dict: no wrapper prefixes, fp32, scalar logit_scale clamped like training."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        out[key] = value.detach().float().cpu().clone()
+    if "logit_scale" in out:
+        out["logit_scale"] = out["logit_scale"].reshape(()).clamp(max=torch.log(torch.tensor(max_logit_scale)))
+    if "logit_bias" in out:
+        out["logit_bias"] = out["logit_bias"].reshape(())
+    return out
+
+
+def write_model_config(path: str | os.PathLike, name: str) -> None:
+    """The pure open_clip config (``open_clip.add_model_config(path)`` registers it as its file stem)."""
+    Path(path).write_text(json.dumps(model_config_dict(name), indent=2))
