@@ -87,7 +87,8 @@ def webdataset_baseline(folder: Path, transform, tokenizer, epoch_samples: int) 
 
 def index_memory_mb(num_samples: int = 10**9, num_shards: int = 10**5, world: int = 8) -> float:
     """Peak traced memory of reading a synthetic manifest and building rank 0's order for one step."""
-    from train.data.loader import make_order
+    from train.config import DataConfig
+    from train.data.shard_order import make_order
 
     with tempfile.TemporaryDirectory() as tmp:
         per = num_samples // num_shards
@@ -96,7 +97,8 @@ def index_memory_mb(num_samples: int = 10**9, num_shards: int = 10**5, world: in
         del shards
         tracemalloc.start()
         manifest = read_manifest(tmp)
-        order = make_order(manifest, "train", 32768, 0, 4, 0)
+        order = make_order(manifest, DataConfig(split="train", global_batch_size=32768, partitions=0,
+                                                shuffle_window=4), seed=0)
         for stream in order.rank_streams(0, world):
             for slot in order.slots(10**6, stream):
                 next(slot.candidates())
@@ -139,7 +141,7 @@ def _remote_rows(folder: Path, tmp: Path, transform, tokenizer, n: int, rounds: 
     """Table rows: loader speed from loopback HTTP and SeaweedFS S3 against the same local folder."""
     remote_speed: dict = {}
     try:
-        from tests.harness.s3_server import SeaweedS3
+        from benchmarks.s3_server import SeaweedS3
 
         with LoopbackServer(tmp) as server, SeaweedS3(tmp / "weed") as s3:
             s3_url = s3.upload(folder, "bench", "s64")

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from train.config import LossConfig
-from train.losses.objective import _clip, GlobalBatch, cyclic_regularizers
+from train.losses.diagnostics import clip_feature_grads, regulariser_grads
+from train.losses.objective import _clip, GlobalBatch
 
 D = 512
 DESCRIPTION = ("Gradient share = ‖∇(λ₁·C_in + λ₂·C_cross)‖ / ‖∇L_clip‖ w.r.t. all N image and text feature rows, "
@@ -34,33 +35,6 @@ DESCRIPTION = ("Gradient share = ‖∇(λ₁·C_in + λ₂·C_cross)‖ / ‖�
                "gradient is computed analytically in row chunks (no N×N matrix), checked against autograd.")
 LAMBDA = 0.25
 REFERENCE_BATCH = 512
-
-
-def clip_feature_grads(image: torch.Tensor, text: torch.Tensor, scale: float, chunk: int = 2048):
-    """(∂L_clip/∂I, ∂L_clip/∂T) for the symmetric InfoNCE over N rows, without an N×N matrix."""
-    n = image.shape[0]
-    row_lse = torch.empty(n)
-    col_lse = torch.full((n,), -math.inf)
-    for s0 in range(0, n, chunk):
-        z = scale * image[s0:s0 + chunk] @ text.T
-        row_lse[s0:s0 + chunk] = torch.logsumexp(z, 1)
-        col_lse = torch.logaddexp(col_lse, torch.logsumexp(z, 0))
-    grad_i, grad_t = torch.empty_like(image), torch.zeros_like(text)
-    for s0 in range(0, n, chunk):
-        z = scale * image[s0:s0 + chunk] @ text.T
-        dz = (z - row_lse[s0:s0 + chunk, None]).exp() + (z - col_lse[None, :]).exp()
-        rows = torch.arange(s0, min(s0 + chunk, n))
-        dz[rows - s0, rows] -= 2.0
-        dz *= 1.0 / (2 * n)
-        grad_i[s0:s0 + chunk] = scale * dz @ text
-        grad_t += scale * dz.T @ image[s0:s0 + chunk]
-    return grad_i, grad_t
-
-
-def regulariser_grads(image: torch.Tensor, text: torch.Tensor, weight: float):
-    i, t = image.clone().requires_grad_(), text.clone().requires_grad_()
-    c_in, c_cross = cyclic_regularizers(i, t)
-    return torch.autograd.grad(weight * (c_in + c_cross), (i, t))
 
 
 def features(kind: str, n: int, d: int, seed: int):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,35 +18,35 @@ import tempfile
 import time
 from pathlib import Path
 
+from train.launch.local import launch_ranks, log_tail, wait_ranks
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _env(threads: int) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), NO_ALBUMENTATIONS_UPDATE="1",
+def bench_env() -> dict:
+    """What every trainer and open_clip_train process of the benchmarks gets on top of os.environ."""
+    return dict(NO_ALBUMENTATIONS_UPDATE="1",
                 TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _env(threads: int) -> dict:
+    """open_clip_train's environment: this repository's, with ``threads`` OpenMP threads."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), **bench_env())
 
 
 def ours(data: Path, run_dir: Path, model: str, image_size: int, batch: int, steps: int, world: int,
          threads: int, stage: int = 1, precision: str = "fp32", workers: int = 1, extra: tuple = ()) -> float:
     """Median samples/s of this trainer over the steps after the first third (startup excluded)."""
-    args = [sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "pretrain_clip.yaml"),
+    args = ["--config", str(ROOT / "configs" / "pretrain_clip.yaml"),
             f"data.path={data}", f"run.run_dir={run_dir}", f"model.name={model}", f"model.force_image_size={image_size}",
             f"data.global_batch_size={batch * world}", f"data.num_workers={workers}", f"optim.steps={steps}",
             "checkpoint.every_steps=100000", "checkpoint.export=false", "logging.progress_bar=false",
             "logging.tensorboard=false", f"zero.stage={stage}", f"zero.precision={precision}", *extra]
-    env = dict(_env(threads), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world))
-    procs = [subprocess.Popen(args, cwd=ROOT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode != 0:
-            raise RuntimeError(f"trainer failed: {err[-3000:]}")
+    logs = run_dir.parent    # RUN_DIR.rank{R}.log beside the run folder, which the trainer makes itself
+    procs = launch_ranks(logs, run_dir.name, world, args, threads=threads, extra_env=bench_env())
+    for rank, code in enumerate(wait_ranks(procs)):
+        if code != 0:
+            raise RuntimeError(f"trainer rank {rank} exited with {code}: {log_tail(logs, run_dir.name, rank)}")
     rates = [json.loads(l)["samples_per_s"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(rates[len(rates) // 3:])
 
@@ -77,7 +76,7 @@ def run_open_clip_train(args: list, log_dir: Path, threads: int, what: str) -> f
 
 
 def run(quick: bool) -> str:
-    from tests.harness.data_fixtures import make_digits_dataset
+    from benchmarks.digits import make_digits_dataset
 
     model, image_size, batch = "ViT-S-32", 64, 32
     steps, pairs = (12, 2) if quick else (16, 3)

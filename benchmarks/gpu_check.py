@@ -1,8 +1,9 @@
 """`make gpu-check`: the trainer on one GPU, in under 8 minutes, figures written into BENCHMARKS.md.
 
 1. Resume: tiny_vit, bf16, NCCL at world size 1, 30 steps, checkpoints every 10. A second run is SIGKILLed
-   while it saves its step-30 checkpoint (after the step-20 one completed: the project's fault injection,
-   a real kill -9), resumes from step 20 and must end within RESUME_RTOL of the uninterrupted run.
+   (kill -9 from outside) as soon as its step-20 checkpoint is committed, so mid-way to step 30; it resumes
+   from step 20 and must end within RESUME_RTOL of the uninterrupted run. (A kill in the middle of a save
+   is the tests' fault injection, tests/harness/rank_launcher.py, which benchmarks do not import.)
 2. Throughput: ViT-B-32 at 224 px, batch 256, bf16: this trainer against open_clip_train
    (--precision amp_bf16) on the same GPU and batch, with synthetic data (in memory for this trainer,
    open_clip_train's --dataset-type synthetic) and with real JPEGs (this trainer: its shards through its
@@ -13,7 +14,9 @@
    alternated).
 
 Without a CUDA GPU it exits with status 2 and one line saying so. ``--cpu-dry-run`` runs every part at toy
-sizes on the CPU (gloo, ViT-S-32 at 64 px) and writes its section to --out only, never to BENCHMARKS.md.
+sizes on the CPU (gloo, ViT-S-32 at 64 px) and prints its section without writing it anywhere.
+A GPU run writes its section (``bench_trainer_gpu``) into BENCHMARKS.md, the one results file
+(benchmarks/run.py says why), and nowhere else.
 """
 from __future__ import annotations
 
@@ -30,9 +33,14 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_trainer import bench_env, open_clip_train, ours, run_open_clip_train
+from benchmarks.digits import make_digits_dataset
+from common.net import free_port
+from train.launch.local import launch_ranks, log_tail, wait_ranks
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchmarks.bench_trainer import _env, _free_port, open_clip_train, ours, run_open_clip_train  # noqa: E402
+SECTION = "bench_trainer_gpu"
+"""This check's section of BENCHMARKS.md (benchmarks/run.py: sections are replaced by name)."""
 
 RESUME_RTOL = 1e-2
 """Resumed vs uninterrupted, every loss term of steps 21-30: GPU kernels (atomics in some backward passes,
@@ -62,41 +70,42 @@ def check_gpu(dry: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------------ 1. resume
-def _train(args: list[str], env: dict, log: Path, kill_during_save_at: int | None = None) -> int:
-    """``python -m train ARGS``; with ``kill_during_save_at`` through the test harness's fault injection
-    (tests/harness/rank_launcher.py: the rank SIGKILLs itself mid-save at that step)."""
-    import subprocess
-
-    entry = ["-m", "train"] if kill_during_save_at is None else \
-        ["-m", "tests.harness.rank_launcher", "--kill-during-save-at", str(kill_during_save_at), "--"]
-    with open(log, "ab") as out:
-        return subprocess.run([sys.executable, *entry, *args], cwd=ROOT, env=env, stdout=out,
-                              stderr=subprocess.STDOUT).returncode
+def _train(args: list[str], log_dir: Path, name: str, threads: int, kill_after: str | None = None) -> int:
+    """``python -m train ARGS`` as rank 0 of 1 (train.launch.local); its exit code. With ``kill_after`` (a
+    checkpoint tag), SIGKILL it from outside as soon as ``checkpoints/latest`` names that tag."""
+    run_dir = Path(next(a for a in args if a.startswith("run.run_dir=")).split("=", 1)[1])
+    (proc,) = launch_ranks(log_dir, name, 1, args, threads=threads, extra_env=bench_env())
+    if kill_after is not None:
+        latest = run_dir / "checkpoints" / "latest"
+        while proc.poll() is None:
+            if latest.is_file() and latest.read_text().strip() == kill_after:
+                proc.kill()
+                break
+            time.sleep(0.005)
+    return wait_ranks([proc])[0]
 
 
 def resume_check(tmp: Path, data: Path, s: dict) -> dict:
     """Uninterrupted vs killed-and-resumed tiny_vit bf16 runs; max relative difference of the last steps."""
     from common.jobs import resume_overrides
 
-    env = dict(_env(s["threads"]), MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     base = ["--config", str(ROOT / "configs" / "pretrain_cyclip.yaml"), f"data.path={data}", "zero.precision=bf16",
             "data.global_batch_size=64", f"optim.steps={s['tiny_steps']}", "optim.warmup_steps=2",
             f"checkpoint.every_steps={s['tiny_every']}", "logging.progress_bar=false", "logging.tensorboard=false"]
+    resume_tag = f"step_{s['tiny_steps'] - s['tiny_every']:08d}"
     runs = {}
     for name in ("uninterrupted", "resumed"):
         run_dir = tmp / f"tiny_{name}"
         args = resume_overrides(base + [f"run.run_dir={run_dir}"], restarted=True)
         if name == "resumed":
-            code = _train(args, dict(env, MASTER_PORT=str(_free_port())), tmp / f"{name}.log",
-                          kill_during_save_at=s["tiny_steps"])
-            if code != -9:
-                raise RuntimeError(f"the killed run exited with {code}, not SIGKILL; see {tmp / (name + '.log')}")
-            latest = (run_dir / "checkpoints" / "latest").read_text()
-            if latest != f"step_{s['tiny_steps'] - s['tiny_every']:08d}":
-                raise RuntimeError(f"after the kill, latest is {latest}")
-        code = _train(args, dict(env, MASTER_PORT=str(_free_port())), tmp / f"{name}.log")
+            code = _train(args, tmp, name, s["threads"], kill_after=resume_tag)
+            latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+            if code != -9 or latest != resume_tag:
+                raise RuntimeError(f"the run to kill exited with {code} and its latest checkpoint is {latest}, not "
+                                   f"SIGKILL after {resume_tag}; see {tmp / (name + '.rank0.log')}")
+        code = _train(args, tmp, name, s["threads"])
         if code != 0:
-            raise RuntimeError(f"tiny {name} run exited with {code}; see {tmp / (name + '.log')}")
+            raise RuntimeError(f"tiny {name} run exited with {code}: {log_tail(tmp, name)}")
         runs[name] = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     a, b = runs["uninterrupted"], runs["resumed"]
     if not [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, s["tiny_steps"] + 1)):
@@ -113,8 +122,6 @@ def shards_for(tmp: Path, s: dict) -> tuple[Path, Path]:
     with a CSV for open_clip_train: its webdataset reader expects the `fname` field of webdataset <= 0.2.86
     (KeyError: 'fname' with the 0.2.111 this project pins), its CSV reader works with any."""
     import tarfile
-
-    from tests.harness.data_fixtures import make_digits_dataset
 
     per_shard = 256 if s["batch"] >= 256 else 32
     data = make_digits_dataset(tmp / "shards", n_train=min(1536, per_shard * 6), n_val=16, shard_size=per_shard,
@@ -169,7 +176,7 @@ def in_process(tmp: Path, data: Path, s: dict) -> dict:
     from train.losses.objective import ContrastiveObjective
     from train.core.trainer import Trainer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     cfg = load_config(TrainConfig, str(ROOT / "configs" / "pretrain_clip.yaml"), [
         f"data.path={data}", f"run.run_dir={tmp / 'inproc'}", f"model.name={s['model']}",
         f"model.force_image_size={s['image']}", f"data.global_batch_size={s['batch']}", "data.num_workers=0",
@@ -270,27 +277,25 @@ def report(gpu: str, s: dict, resume: dict, rates: dict, inproc: dict, elapsed: 
     for name, step in inproc["step_s"].items():
         cost = "-" if name == "CLIP" else f"{inproc['cost_pct'][name]:+.1f}%"
         lines.append(f"| {name} | {step:.4f} | {cost} |")
-    lines += ["", f"Resume (tiny_vit, bf16, {'NCCL' if s['device'] == 'cuda' else 'gloo'}, world size 1, {s['tiny_steps']} steps, checkpoint every "
-              f"{s['tiny_every']}, SIGKILL during the step-{s['tiny_steps']} save, resumed from step "
-              f"{s['tiny_steps'] - s['tiny_every']}): final loss {resume['final_loss']:.5f} uninterrupted, "
+    backend, resumed_at = "NCCL" if s["device"] == "cuda" else "gloo", s["tiny_steps"] - s["tiny_every"]
+    lines += ["", f"Resume (tiny_vit, bf16, {backend}, world size 1, {s['tiny_steps']} steps, checkpoint every "
+              f"{s['tiny_every']}, SIGKILL once the step-{resumed_at} checkpoint was committed, resumed from step "
+              f"{resumed_at}): final loss {resume['final_loss']:.5f} uninterrupted, "
               f"{resume['resumed_final_loss']:.5f} resumed; largest relative difference over the resumed steps "
               f"{resume['max_rel_diff']:.2e} (tolerance {RESUME_RTOL:g}): **{'pass' if resume['ok'] else 'FAIL'}**."]
     return "\n".join(lines) + "\n"
 
 
 def write_benchmarks(section: str) -> Path:
-    from benchmarks.run import describe_machine, git_commit, write_benchmarks_md
+    """The section into BENCHMARKS.md (replacing this check's earlier one; the other sections stay)."""
+    from benchmarks.run import RESULTS, write_section
 
-    title, _, body = section.partition("\n")
-    stamp = f"_Measured on {describe_machine()}; {time.strftime('%Y-%m-%d')}, commit {git_commit()}._"
-    (ROOT / "benchmarks" / "results" / "bench_trainer_gpu.md").write_text(f"{title}\n\n{stamp}\n{body}\n")
-    return write_benchmarks_md(ROOT / "BENCHMARKS.md")
+    return write_section(RESULTS, SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu-dry-run", action="store_true", help="toy sizes on the CPU; writes only --out")
-    parser.add_argument("--out", default=None, help="also write the section here (the dry run writes only here)")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="toy sizes on the CPU; prints, writes nothing")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU, for MFU")
     args = parser.parse_args(argv)
     gpu = check_gpu(args.cpu_dry_run)
@@ -300,8 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        from tests.harness.data_fixtures import make_digits_dataset
-
         tiny_data = make_digits_dataset(tmp / "digits32", n_train=640, n_val=16, shard_size=128)
         print("gpu-check: 1/3 resume", flush=True)
         resume = resume_check(tmp, tiny_data, s)
@@ -315,8 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     section = report(gpu, s, resume, rates, inproc, time.perf_counter() - t0,
                      args.peak_tflops or (None if args.cpu_dry_run else peak_tflops(gpu)))
     print(section)
-    if args.out:
-        Path(args.out).write_text(section)
     if not args.cpu_dry_run:
         print(f"gpu-check: wrote {write_benchmarks(section)}")
     return 0 if resume["ok"] else 1

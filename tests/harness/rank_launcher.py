@@ -1,4 +1,4 @@
-"""Start `python -m train` as W real processes, as a launcher would (RANK/WORLD_SIZE/... per process).
+"""The tests' rank launcher: train.launch.local (W local ranks of `python -m train`) plus fault injection.
 
 Fault injection lives here, never in the trainer: ``python -m tests.harness.rank_launcher --kill-during-save-at STEP
 -- ARGS`` is `python -m train ARGS` in a process whose checkpoint manager SIGKILLs the process right after
@@ -7,45 +7,25 @@ this rank wrote its part of the checkpoint of STEP (DeepSpeed shards + its rank 
 """
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from common.net import free_port  # noqa: F401 (tests import it from here)
 from common.paths import REPO_ROOT
+from train.launch import local
+from train.launch.local import wait_ranks  # noqa: F401 (the tests' import site)
 
 ROOT = REPO_ROOT
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_ranks(log_dir: Path, name: str, world: int, args: list[str], extra_env: dict | None = None,
                  kill_during_save_at: int | None = None) -> list[subprocess.Popen]:
-    """One `python -m train ARGS` process per rank; each rank's output goes to LOG_DIR/NAME.rank{R}.log."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT), WORLD_SIZE=str(world), **(extra_env or {}))
-    procs = []
-    for rank in range(world):
-        log = open(log_dir / f"{name}.rank{rank}.log", "ab")
-        entry = ["train"] if kill_during_save_at is None else \
-            ["tests.harness.rank_launcher", "--kill-during-save-at", str(kill_during_save_at), "--"]
-        procs.append(subprocess.Popen([sys.executable, "-m", *entry, *args], cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
-    return procs
-
-
-def wait_ranks(procs: list[subprocess.Popen], timeout: float) -> list[int]:
-    """Every rank's exit code; ranks still running after `timeout` s are killed (and the wait raises)."""
-    try:
-        return [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    """One `python -m train ARGS` process per rank (train.launch.local.launch_ranks, 1 thread each); each rank's
+    output goes to LOG_DIR/NAME.rank{R}.log. With ``kill_during_save_at``, every rank dies mid-save at that step."""
+    entry = local.TRAIN_ENTRY if kill_during_save_at is None else \
+        ("tests.harness.rank_launcher", "--kill-during-save-at", str(kill_during_save_at), "--")
+    return local.launch_ranks(log_dir, name, world, args, extra_env=extra_env, entry=entry)
 
 
 def kill_during_save(step: int) -> None:

@@ -22,6 +22,8 @@ import torch.distributed as dist
 # all_reduce's backward an all_reduce with the same op (gloo and NCCL alike in torch 2.14).
 import torch.distributed._functional_collectives as funcol
 
+from common.net import free_port
+
 log = logging.getLogger(__name__)
 
 
@@ -84,16 +86,6 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 
-def _free_port() -> int:
-    """A port nothing listens on now. A group of one needs no agreed port, and a fixed one (torchrun's 29500)
-    collides with any other single-process run on the host, or a process that inherited its socket."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def discover_launcher_env() -> dict[str, str]:
     """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in ``os.environ`` and return them.
 
@@ -122,8 +114,8 @@ def discover_launcher_env() -> dict[str, str]:
     else:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in env:
-        env["MASTER_PORT"] = str(_free_port())
+    if "MASTER_PORT" not in env:    # a group of one needs no agreed port, and a fixed one (torchrun's 29500)
+        env["MASTER_PORT"] = str(free_port())    # collides with any other single-process run on the host
     return {key: env[key] for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 

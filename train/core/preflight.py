@@ -75,8 +75,7 @@ def check_dataset(cfg: TrainConfig, world_size: int) -> None:
         if split not in manifest.splits:
             raise ConfigError(f"{key}={split}: no such split in {data.path} (has: {', '.join(sorted(manifest.splits))})")
     try:
-        order = make_order(manifest, data.split, data.global_batch_size, data.partitions, data.shuffle_window,
-                           cfg.run.seed)
+        order = make_order(manifest, data, cfg.run.seed)
         order.rank_streams(0, world_size)
     except ValueError as err:
         size = manifest.split(data.split).num_samples

@@ -78,8 +78,7 @@ class StatefulLoader:
         self.cfg, self.rank, self.world_size, self.seed, self.end_step = data_cfg, rank, world_size, seed, end_step
         self.transform, self.tokenizer = transform, tokenizer
         manifest = read_manifest(data_cfg.path, dict(data_cfg.storage_options or {}))
-        self.order = data_lib.make_order(manifest, data_cfg.split, data_cfg.global_batch_size,
-                                         data_cfg.partitions, data_cfg.shuffle_window, seed)
+        self.order = data_lib.make_order(manifest, data_cfg, seed)
         self.next_step = 0
         self._iter: Optional[Iterator] = None
 

@@ -20,24 +20,23 @@ not depend on the rank count. Shards come from ``train.data.shard_source`` (loca
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import signal
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
 from common.shard_folder import Manifest, load_sample_index, read_manifest
-from train.data.shard_order import ShardOrder, Slot, auto_partitions
+from train.data.decode import decode_image, find_member, image_member
+from train.data.shard_order import ShardOrder, Slot, make_order  # noqa: F401 (train.core imports make_order here)
 from train.data.shard_source import CountingFile, ShardCache, ShardUnavailable, is_remote, join, read_members
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -53,16 +52,15 @@ def decode_sample(raw: Dict[str, bytes], transform: Callable, tokenizer: Callabl
     """Raw tar members -> {image, text, key}; raises on anything missing or corrupt.
 
     ``image_ext`` is the extension the manifest records (``download.encode_format``); a sample that
-    lacks it falls back to any other image extension it holds.
+    lacks it falls back to any other image extension it holds (train.data.decode: any case, as webdataset).
     """
-    ext = image_ext if image_ext in raw else next((e for e in IMAGE_EXTS if e in raw), None)
+    ext, caption_key = image_member(raw, image_ext), find_member(raw, caption_ext)
     if ext is None:
         raise KeyError(f"no image member (.{image_ext}) in sample {raw.get('__key__')}: has {sorted(raw)}")
-    if caption_ext not in raw:
+    if caption_key is None:
         raise KeyError(f"no caption member (.{caption_ext}) in sample {raw.get('__key__')}")
-    with Image.open(io.BytesIO(raw[ext])) as img:
-        image = transform(img.convert("RGB"))
-    caption = raw[caption_ext].decode("utf-8")
+    image = transform(decode_image(raw[ext]).convert("RGB"))
+    caption = raw[caption_key].decode("utf-8")
     if not caption.strip():
         raise ValueError("empty caption")
     return {"image": image, "text": tokenizer([caption])[0], "key": str(raw["__key__"])}
@@ -162,27 +160,58 @@ class ShardReader:
         return read_members(f.f.fileno(), int(start), int(end))
 
 
-class StepBatches(torch.utils.data.IterableDataset):
-    """This rank's batches for steps [start_step, end_step); worker k of n makes every n-th of them."""
+@dataclass(frozen=True)
+class Shards:
+    """Where a loader's samples come from: one split of a dataset folder, remote shards through the cache."""
 
-    def __init__(self, manifest: Manifest, split: str, order: ShardOrder, streams: range, seed: int,
-                 start_step: int, end_step: int, transform: Callable, tokenizer: Callable,
-                 cache: ShardCache, max_substitutions: int):
-        self.manifest, self.split, self.order, self.streams, self.seed = manifest, split, order, streams, seed
-        self.start_step, self.end_step = start_step, end_step
-        self.transform, self.tokenizer, self.cache, self.max_substitutions = transform, tokenizer, cache, max_substitutions
-        self.image_ext = manifest.fields.get("image", "jpg")
-        self.caption_ext = manifest.fields.get("caption", "txt")
+    manifest: Manifest
+    split: str
+    cache: ShardCache
+
+
+@dataclass(frozen=True)
+class RankSteps:
+    """What one rank makes: the batches of steps [start, end) of ``order``, from its ``streams`` of it."""
+
+    order: ShardOrder
+    streams: range
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SampleRecipe:
+    """How a sample's raw members become a training sample."""
+
+    transform: Callable
+    """PIL image (RGB) -> image tensor (the model's train preprocess, augmentation included)."""
+    tokenizer: Callable
+    """list of str -> (n, L) int64 tokens."""
+    seed: int
+    """The run seed: each sample's augmentation RNG is seeded from (seed, epoch, sample) (sample_seed)."""
+    max_substitutions: int
+    """Corrupt samples tried in a row for one batch slot before the loader gives up with an error."""
+
+
+class StepBatches(torch.utils.data.IterableDataset):
+    """This rank's batches for steps [steps.start, steps.end); worker k of n makes every n-th of them."""
+
+    def __init__(self, shards: Shards, steps: RankSteps, recipe: SampleRecipe):
+        self.shards, self.steps, self.recipe = shards, steps, recipe
+        self.order = steps.order
+        self.image_ext = shards.manifest.fields.get("image", "jpg")
+        self.caption_ext = shards.manifest.fields.get("caption", "txt")
 
     def __iter__(self) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
         k, n = (worker.id, worker.num_workers) if worker else (0, 1)
         # Open shards: this rank's current and next block of every stream.
-        reader = ShardReader(self.manifest, self.split, self.cache, 2 * len(self.streams) * self.order.window + 2)
-        for step in range(self.start_step + k, self.end_step, n):
+        streams, shards = self.steps.streams, self.shards
+        reader = ShardReader(shards.manifest, shards.split, shards.cache, 2 * len(streams) * self.order.window + 2)
+        for step in range(self.steps.start + k, self.steps.end, n):
             before = reader.bytes_read[0]
             samples, skipped = [], 0
-            for stream in self.streams:
+            for stream in streams:
                 slots = self.order.slots(step, stream)
                 self._prefetch(reader, slots[0])
                 for slot in slots:
@@ -216,13 +245,13 @@ class StepBatches(torch.utils.data.IterableDataset):
                 with torch.random.fork_rng(devices=[]):
                     # the CPU generator only: torch.manual_seed also queues lazy CUDA/XPU/MTIA seeding, each
                     # call formatting a stack trace (measured: 1.3 ms per sample, a quarter of a decode)
-                    torch.default_generator.manual_seed(sample_seed(self.seed, slot.epoch, index))
-                    return decode_sample(raw, self.transform, self.tokenizer, self.image_ext,
+                    torch.default_generator.manual_seed(sample_seed(self.recipe.seed, slot.epoch, index))
+                    return decode_sample(raw, self.recipe.transform, self.recipe.tokenizer, self.image_ext,
                                          self.caption_ext), int(attempt > 0)
             except Exception as err:
                 failures += 1
                 reader.warn_once(shard, "corrupt", f"sample {raw.get('__key__')}: {err}")
-                if failures > self.max_substitutions:
+                if failures > self.recipe.max_substitutions:
                     break
         raise RuntimeError(f"no readable sample for a slot of stream {slot.stream}, epoch {slot.epoch}, block "
                            f"{slot.block} ({failures} corrupt in a row; shards {list(map(int, slot.shards))}): "
@@ -247,13 +276,6 @@ def _worker_init(_):
         signal.signal(signum, signal.SIG_IGN)
 
 
-def make_order(manifest: Manifest, split: str, global_batch: int, partitions: int, window: int,
-               seed: int) -> ShardOrder:
-    sizes = [s.num_samples for s in manifest.split(split).shards]
-    partitions = partitions or auto_partitions(len(sizes), global_batch)
-    return ShardOrder(sizes, global_batch, partitions, window, seed)
-
-
 def make_cache(data) -> ShardCache:
     """Remote shards and every shard's sample index live here (see train.data.shard_source)."""
     cache_dir = data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "clip_pipeline", "shards")
@@ -273,10 +295,10 @@ def build_loader(data, rank: int, world_size: int, seed: int, start_step: int, e
     the worker read for it). Raises ValueError when W does not divide the partitions.
     """
     manifest = read_manifest(data.path, dict(data.storage_options or {}))
-    order = make_order(manifest, data.split, data.global_batch_size, data.partitions, data.shuffle_window, seed)
-    streams = order.rank_streams(rank, world_size)
-    dataset = StepBatches(manifest, data.split, order, streams, seed, start_step, end_step, transform, tokenizer,
-                          make_cache(data), data.max_substitutions)
+    order = make_order(manifest, data, seed)
+    dataset = StepBatches(Shards(manifest, data.split, make_cache(data)),
+                          RankSteps(order, order.rank_streams(rank, world_size), start_step, end_step),
+                          SampleRecipe(transform, tokenizer, seed, data.max_substitutions))
     if rank == 0 and start_step == 0:
         log.info("data: %d samples in %d shards, %d partitions, window %d shards, %d steps per epoch",
                  order.num_samples, len(order.sizes), order.partitions, order.window, order.steps_per_epoch)

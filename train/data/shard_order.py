@@ -31,9 +31,13 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
-from typing import List, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from common.shard_folder import Manifest
+    from train.config import DataConfig
 
 MAX_AUTO_PARTITIONS = 64
 
@@ -47,6 +51,14 @@ def auto_partitions(num_shards: int, global_batch: int, cap: int = MAX_AUTO_PART
     while p * 2 <= min(cap, num_shards) and global_batch % (p * 2) == 0:
         p *= 2
     return p
+
+
+def make_order(manifest: "Manifest", data: "DataConfig", seed: int) -> "ShardOrder":
+    """The order of ``data.split`` of ``manifest`` for the run seed and the DataConfig's global batch,
+    partitions (0 = auto_partitions) and shuffle window: the one place that reads those fields."""
+    sizes = [s.num_samples for s in manifest.split(data.split).shards]
+    partitions = data.partitions or auto_partitions(len(sizes), data.global_batch_size)
+    return ShardOrder(sizes, data.global_batch_size, partitions, data.shuffle_window, seed)
 
 
 class ShardOrder:

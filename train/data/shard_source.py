@@ -173,7 +173,7 @@ class ShardCache:
 
 
 def read_members(fd: int, start: int, end: int) -> Dict[str, bytes]:
-    """The members of one sample: {'__key__': key, ext: bytes}.
+    """The members of one sample: {'__key__': key, ext: bytes}, extensions lower-cased as webdataset does.
 
     Plain ustar headers are parsed here directly (a tarfile object per sample costs more than a
     small decode); anything else (pax or GNU long names) goes through tarfile.
@@ -196,7 +196,7 @@ def read_members(fd: int, start: int, end: int) -> Dict[str, bytes]:
             raise EOFError(f"member {name} cut short")
         if match is not None:
             sample["__key__"] = os.path.basename(match.group(1))
-            sample[match.group(2)] = region[pos + 512:pos + 512 + size]
+            sample[match.group(2).lower()] = region[pos + 512:pos + 512 + size]
         pos += 512 + (size + 511) // 512 * 512
     return sample
 
@@ -208,7 +208,7 @@ def _read_members_tarfile(region: bytes) -> Dict[str, bytes]:
             match = KEY_EXT.match(member.name) if member.isfile() else None
             if match is not None:
                 sample["__key__"] = os.path.basename(match.group(1))
-                sample[match.group(2)] = tar.extractfile(member).read()
+                sample[match.group(2).lower()] = tar.extractfile(member).read()
     return sample
 
 

@@ -5,7 +5,6 @@ eval transform (PIL → tensor) and a tokenizer (list of str → token tensor), 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -20,12 +19,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.shard_folder import read_manifest
+from train.data.decode import decode_image, find_member, image_member
 from train.data.shard_source import KEY_EXT, is_remote, open_remote
 
 from .corruptions import corrupt
 from .config import EvalInputError
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass
@@ -41,9 +39,9 @@ def iter_samples(folder: str | Path, split: str, max_samples: int = 0,
     """Samples of ``split`` in shard order (deterministic: no shuffling, one process).
 
     ``folder`` is anything the trainer reads (a folder, an http(s)/s3/gs URL, a ``pipe:`` command);
-    remote shards are streamed, not cached. The image member is the extension the manifest records
-    (``fields['image']``, the ingestion's encode_format); a sample without it falls back to another
-    image extension it holds. A damaged shard raises: evaluation numbers must not silently shrink.
+    remote shards are streamed, not cached. The image member and its decoding are the trainer's
+    (train.data.decode: the manifest's ``fields['image']``, else another image extension, in any case;
+    16-bit greyscale scaled to 8 bits). A damaged shard raises: evaluation numbers must not silently shrink.
     """
     manifest = read_manifest(folder, storage_options)
     image_ext = manifest.fields.get("image", "jpg")
@@ -57,13 +55,13 @@ def iter_samples(folder: str | Path, split: str, max_samples: int = 0,
                 return
             count += 1
             in_shard += 1
-            ext = image_ext if image_ext in raw else next((e for e in IMAGE_EXTS if e in raw), None)
+            ext, meta_key, caption_key = (image_member(raw, image_ext), find_member(raw, meta_ext),
+                                          find_member(raw, caption_ext))
             if ext is None:
                 raise ValueError(f"sample {raw['__key__']} in {url} has no image ({sorted(raw)})")
-            meta = json.loads(raw[meta_ext]) if meta_ext in raw else {}
-            caption = raw[caption_ext].decode("utf-8") if caption_ext in raw else meta.get("caption")
-            image = Image.open(io.BytesIO(raw[ext]))
-            image.load()
+            meta = json.loads(raw[meta_key]) if meta_key else {}
+            caption = raw[caption_key].decode("utf-8") if caption_key else meta.get("caption")
+            image = decode_image(raw[ext])
             label = meta.get("label")
             yield Sample(key=raw["__key__"], image=image, label=None if label is None else int(label),
                          caption=caption)
@@ -99,7 +97,7 @@ def _read_tar(url: str, storage_options: Optional[dict]) -> Iterator[dict]:
                 yield sample
                 sample = {}
             sample["__key__"] = key
-            sample[match.group(2)] = tar.extractfile(member).read()
+            sample[match.group(2).lower()] = tar.extractfile(member).read()    # as webdataset
     if sample:
         yield sample
 

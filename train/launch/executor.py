@@ -19,6 +19,7 @@ submitit's own timeout path leads to the same place.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import itertools
 import json
@@ -26,8 +27,9 @@ import os
 import re
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import submitit
 from submitit.core.job_environment import SignalHandler
@@ -113,54 +115,89 @@ def check_config(config: str | Path, overrides: Sequence[str], world_size: int, 
         run_preflight(cfg, world_size)
 
 
-def _world_size(nodes: int, gpus_per_node: int, tasks_per_node: int | None) -> int:
-    return nodes * (tasks_per_node or max(gpus_per_node, 1))
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Where a run goes and how big it is: the scheduler side of :func:`submit` and :func:`sweep`, one field
+    per ``python -m train.launch`` flag, with the same defaults. ``submit(config, overrides, nodes=2, ...)``
+    takes the fields as keywords; ``launch=LaunchOptions(...)`` passes a prepared set (keywords win)."""
+
+    cluster: str = "slurm"
+    """"slurm" (sbatch, through submitit) or "local" (processes on this machine; then nodes must be 1)."""
+    nodes: int = 1
+    """Nodes per job."""
+    gpus_per_node: int = 0
+    """GPUs per node; one task (rank) per GPU unless ``tasks_per_node`` says otherwise."""
+    tasks_per_node: Optional[int] = None
+    """Ranks per node; None = one per GPU (1 without GPUs). E.g. 2 for a 2-rank CPU run on one node."""
+    cpus_per_task: Optional[int] = None
+    """CPU cores per rank; None = the cluster's default."""
+    partition: Optional[str] = None
+    """SLURM partition; None = the cluster's default."""
+    time: int = 60
+    """Time limit of each job, in minutes."""
+    signal_delay_s: int = 300
+    """SLURM signals SIGUSR1 this many seconds before the limit: the trainer checkpoints and the job requeues."""
+    slurm_args: Optional[dict] = None
+    """Raw extra sbatch options, e.g. {"qos": "high"}."""
+    folder: Union[str, Path] = "logs/submitit"
+    """submitit's pickles and each task's log (``%j_%t_log.out``)."""
+    job_name: Optional[str] = None
+    """The job's name; None = "clip-train" for :func:`submit`, "clip-sweep" for :func:`sweep`."""
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one job: nodes x tasks per node."""
+        return self.nodes * (self.tasks_per_node or max(self.gpus_per_node, 1))
 
 
-def _executor(cluster: str, folder: str | Path, nodes: int, gpus_per_node: int, partition: str | None,
-              time: int, job_name: str, cpus_per_task: int | None, tasks_per_node: int | None,
-              signal_delay_s: int, slurm_args: dict | None, array_parallelism: int) -> submitit.Executor:
-    if cluster not in ("slurm", "local"):
-        raise ConfigError(f"cluster must be 'slurm' or 'local', got {cluster!r}")
-    if cluster == "local" and nodes != 1:
+def _launch_options(launch: Optional[LaunchOptions], options: dict, job_name: str) -> LaunchOptions:
+    """``launch`` (default: all defaults) with the keyword ``options`` applied and a job name."""
+    names = {f.name for f in dataclasses.fields(LaunchOptions)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown launch option(s) {', '.join(unknown)}; LaunchOptions has: {', '.join(sorted(names))}")
+    opts = dataclasses.replace(launch or LaunchOptions(), **options)
+    return opts if opts.job_name else dataclasses.replace(opts, job_name=job_name)
+
+
+def _executor(opts: LaunchOptions, array_parallelism: int = 1) -> submitit.Executor:
+    if opts.cluster not in ("slurm", "local"):
+        raise ConfigError(f"cluster must be 'slurm' or 'local', got {opts.cluster!r}")
+    if opts.cluster == "local" and opts.nodes != 1:
         raise ConfigError("cluster='local' runs on this machine: nodes must be 1")
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    executor = submitit.AutoExecutor(folder=opts.folder, cluster=opts.cluster)
     params: dict[str, Any] = dict(
-        name=job_name, nodes=nodes, timeout_min=time,
-        tasks_per_node=tasks_per_node or max(gpus_per_node, 1),  # one process per GPU
-        gpus_per_node=gpus_per_node)
-    if cpus_per_task:
-        params["cpus_per_task"] = cpus_per_task
-    if cluster == "slurm":
+        name=opts.job_name, nodes=opts.nodes, timeout_min=opts.time,
+        tasks_per_node=opts.tasks_per_node or max(opts.gpus_per_node, 1),  # one process per GPU
+        gpus_per_node=opts.gpus_per_node)
+    if opts.cpus_per_task:
+        params["cpus_per_task"] = opts.cpus_per_task
+    if opts.cluster == "slurm":
         params.update(
-            slurm_partition=partition, slurm_signal_delay_s=signal_delay_s,
-            slurm_array_parallelism=array_parallelism,
+            slurm_signal_delay_s=opts.signal_delay_s, slurm_array_parallelism=array_parallelism,
             # The trainer's stop signal (submitit's default is USR2, which the trainer does not watch),
             # and requeue-ability even where the cluster default says otherwise.
-            slurm_additional_parameters={"signal": f"USR1@{signal_delay_s}", "requeue": True, **(slurm_args or {})})
-        if partition is None:
-            params.pop("slurm_partition")
+            slurm_additional_parameters={"signal": f"USR1@{opts.signal_delay_s}", "requeue": True,
+                                         **(opts.slurm_args or {})})
+        if opts.partition is not None:
+            params["slurm_partition"] = opts.partition
     executor.update_parameters(**params)
     return executor
 
 
-def submit(config: str | Path, overrides: Sequence[str] = (), nodes: int = 1, gpus_per_node: int = 0,
-           partition: str | None = None, time: int = 60, cluster: str = "slurm",
-           folder: str | Path = "logs/submitit", job_name: str = "clip-train", cpus_per_task: int | None = None,
-           tasks_per_node: int | None = None, signal_delay_s: int = 300, slurm_args: dict | None = None,
-           entry: str = TRAINER_ENTRY, preflight: bool = True) -> submitit.Job:
+def submit(config: str | Path, overrides: Sequence[str] = (), launch: Optional[LaunchOptions] = None, *,
+           entry: str = TRAINER_ENTRY, preflight: bool = True, **options: Any) -> submitit.Job:
     """Submit one training run; ``job.results()[0]`` is rank 0's ``train.core.trainer.main`` return value.
 
-    ``time`` is the time limit in minutes. One task per GPU (``tasks_per_node`` overrides, e.g.
-    for CPU runs). ``slurm_args`` adds raw sbatch options ({"qos": "high"}). ``folder`` holds
-    submitit's pickles and per-task logs (``%j_%t_log.out``). The config is checked first
-    (:func:`check_config`; ConfigError, nothing submitted) when ``entry`` is the trainer.
+    Where and how big: :class:`LaunchOptions`, as ``launch`` and/or its fields as keywords
+    (``nodes=2, gpus_per_node=8, partition="gpu", time=24 * 60``). The config is checked first
+    (:func:`check_config`; ConfigError, nothing submitted) when ``entry`` is the trainer; ``preflight=False``
+    checks the config only (data that only the compute nodes see). ``entry`` ("module:function") is for tests.
     """
+    opts = _launch_options(launch, options, "clip-train")
     if entry == TRAINER_ENTRY:
-        check_config(config, overrides, _world_size(nodes, gpus_per_node, tasks_per_node), preflight)
-    executor = _executor(cluster, folder, nodes, gpus_per_node, partition, time, job_name, cpus_per_task,
-                         tasks_per_node, signal_delay_s, slurm_args, 1)
-    return executor.submit(TrainingJob(entry), str(config), list(overrides))
+        check_config(config, overrides, opts.world_size, preflight)
+    return _executor(opts).submit(TrainingJob(entry), str(config), list(overrides))
 
 
 def grid_points(grid: dict[str, Iterable[Any]]) -> list[dict[str, Any]]:
@@ -187,32 +224,30 @@ def _base_run_dir(config: str | Path, overrides: Sequence[str]) -> str:
 
 
 def sweep(config: str | Path, grid: dict[str, Iterable[Any]], overrides: Sequence[str] = (),
-          array_parallelism: int = 64, cluster: str = "slurm", nodes: int = 1, gpus_per_node: int = 0,
-          partition: str | None = None, time: int = 60, folder: str | Path = "logs/submitit",
-          job_name: str = "clip-sweep", cpus_per_task: int | None = None, tasks_per_node: int | None = None,
-          signal_delay_s: int = 300, slurm_args: dict | None = None,
-          entry: str = TRAINER_ENTRY, preflight: bool = True) -> list[submitit.Job]:
-    """One job per point of ``grid`` (a SLURM job array), each in RUN_DIR/<point name>.
+          launch: Optional[LaunchOptions] = None, *, array_parallelism: int = 64, entry: str = TRAINER_ENTRY,
+          preflight: bool = True, **options: Any) -> list[submitit.Job]:
+    """One job per point of ``grid`` (a SLURM job array, at most ``array_parallelism`` running at once), each
+    in RUN_DIR/<point name>; ``launch`` and keywords as for :func:`submit`, for every job.
 
     Jobs come back in ``grid_points(grid)`` order. Every point's config is checked first
     (:func:`check_config`; ConfigError naming the point, nothing submitted) when ``entry`` is the trainer.
     """
+    opts = _launch_options(launch, options, "clip-sweep")
     points = grid_points(grid)
     if not points:
         raise ConfigError("empty sweep grid")
     if entry == TRAINER_ENTRY:
-        check_config(config, overrides, _world_size(nodes, gpus_per_node, tasks_per_node), preflight=False)
+        check_config(config, overrides, opts.world_size, preflight=False)
     base = _base_run_dir(config, overrides)
     per_point = [[*overrides, *(f"{k}={v}" for k, v in point.items()), f"run.run_dir={base}/{point_name(point)}"]
                  for point in points]
     if entry == TRAINER_ENTRY:
         for point, point_overrides in zip(points, per_point):
             try:
-                check_config(config, point_overrides, _world_size(nodes, gpus_per_node, tasks_per_node), preflight)
+                check_config(config, point_overrides, opts.world_size, preflight)
             except ConfigError as err:
                 raise ConfigError(f"sweep point {point_name(point)}: {err}") from None
-    executor = _executor(cluster, folder, nodes, gpus_per_node, partition, time, job_name, cpus_per_task,
-                         tasks_per_node, signal_delay_s, slurm_args, array_parallelism)
+    executor = _executor(opts, array_parallelism)
     return executor.map_array(TrainingJob(entry), [str(config)] * len(points), per_point)
 
 

@@ -11,12 +11,12 @@ and fails here exactly as it would fail under NCCL. Verified to fail on the trai
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from common.net import free_port
 from train.config import TrainConfig
 from train.core.state import TrainProgress
 from train.core.trainer import Trainer
@@ -53,10 +53,7 @@ def process_group():
     """A real 1-process gloo group (the trainer's collectives run whenever one is initialised)."""
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 

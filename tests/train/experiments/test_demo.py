@@ -1,4 +1,5 @@
-"""`python -m train.experiments.demo`: the report's numbers against the eval JSON files, and its verdict rule.
+"""`python -m train.experiments.demo`: the report's numbers against the eval JSON files, and its verdicts (the
+paired rule of train/experiments/claims.py, tested by hand in test_claims.py) on fake runs.
 
 The end-to-end test is `make demo FAST=1`'s command, into a temporary folder (data shared with the
 repository's data/fmnist_fast when `make demo FAST=1` built it already). Every number of REPORT.md's
@@ -17,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.experiments.demo import report as demo_report
 from common.paths import REPO_ROOT
+from train.experiments import claims
+from train.experiments.demo import report as demo_report
 
 ROOT = REPO_ROOT
-# REPORT.md label -> (section, key) in eval.json
-JSON_PATHS = {label: tuple(metric.split(".")) for metric, label, _ in demo_report.METRICS}
+# REPORT.md row label -> key path in eval.json
+JSON_PATHS = {m.title: m.key for m in claims.METRICS}
 
 
 def report_tables(text: str) -> dict:
@@ -62,8 +64,7 @@ def check_against_eval_json(report: Path, arms: dict) -> int:
             runs = [Path(r) for r in arms[arm]]
             evals = [json.loads((r / "eval" / "eval.json").read_text()) for r in runs]
             for label, (mean, sd) in cells.items():
-                section, key = JSON_PATHS[label]
-                values = np.array([e[section][key] for e in evals], dtype=np.float64)
+                values = np.array([claims.value(e, JSON_PATHS[label]) for e in evals], dtype=np.float64)
                 assert mean == pytest.approx(values.mean(), abs=5.1e-5), (arm, label)
                 if len(values) > 1:
                     assert sd == pytest.approx(values.std(ddof=1), abs=5.1e-5), (arm, label)
@@ -73,16 +74,31 @@ def check_against_eval_json(report: Path, arms: dict) -> int:
     return checked
 
 
-def test_verdict_rule_on_hand_computed_cases():
-    # n=2 per arm, sd 0.01 each: standard error sqrt(2 * 0.01²/2) = 0.01, so "shows" needs a gain > 0.02.
-    table = {"A": {"zero_shot.top1": (0.53, 0.01, 2), "zero_shot.ece": (0.10, 0.01, 2)},
-             "B": {"zero_shot.top1": (0.50, 0.01, 2), "zero_shot.ece": (0.115, 0.01, 2)}}
-    assert demo_report.verdict(table, "A", "B", "zero_shot.top1")[0] == "shows"      # +0.03 > 0.02
-    assert demo_report.verdict(table, "A", "B", "zero_shot.ece")[0] == "noise"       # lower ECE by 0.015 < 0.02
-    assert demo_report.verdict(table, "B", "A", "zero_shot.top1")[0] == "reversed"   # -0.03
-    one = {"A": {"zero_shot.top1": (0.6, 0.0, 1)}, "B": {"zero_shot.top1": (0.5, 0.0, 1)}}
-    status, sentence = demo_report.verdict(one, "A", "B", "zero_shot.top1")
-    assert status == "one seed" and "no spread" in sentence
+def fake_evals(top1s, eces):
+    return [{"zero_shot": {"top1": t, "ece": e}} for t, e in zip(top1s, eces)]
+
+
+def test_demo_verdicts_pair_the_seeds():
+    # CyCLIP gains 0.01 on every seed of a wide spread: the paired rule shows it (an unpaired 2×SE rule would
+    # not); its ECE is worse on every seed, which is no CyCLIP claim and is not judged.
+    pre = {"CLIP": fake_evals([0.3, 0.6, 0.9], [0.1] * 3), "CyCLIP": fake_evals([0.31, 0.61, 0.91], [0.2] * 3)}
+    fine = {"plain ← CLIP": fake_evals([0.5, 0.5, 0.5], [0.10, 0.11, 0.12]),
+            "m²-Mix ← CLIP": fake_evals([0.5, 0.5, 0.5], [0.12, 0.13, 0.14])}
+    items = dict(demo_report.comparisons(pre, fine))
+    [top1] = items["CyCLIP vs CLIP (pretraining, same data, budget and seeds)"]
+    assert (top1.claim.metric, top1.status, top1.n) == ("zero_shot.top1", "shows", 3)
+    assert top1.gain == pytest.approx(0.01) and top1.lo == pytest.approx(0.01)
+    by_metric = {v.claim.metric: v for v in items["m²-Mix vs plain fine-tuning, both from CLIP"]}
+    assert by_metric["zero_shot.ece"].status == "reversed" and by_metric["zero_shot.top1"].status == "not resolved"
+    assert "m²-Mix vs plain fine-tuning, both from CyCLIP" not in items    # arms the demo did not run
+    text = "\n".join(demo_report.claims_section(pre, fine, {}))
+    assert "[shows]" in text and "[reversed]" in text and "Of 3 claimed effects, 1 show" in text
+
+
+def test_demo_with_one_seed_judges_nothing():
+    pre = {"CLIP": fake_evals([0.5], [0.1]), "CyCLIP": fake_evals([0.6], [0.1])}
+    text = "\n".join(demo_report.claims_section(pre, {}, {}))
+    assert "[one seed]" in text and "no spread" in text and "none of its 1 comparisons can be judged" in text
 
 
 def test_arm_table_means_and_spreads_of_fake_runs(tmp_path):
@@ -107,7 +123,7 @@ def test_fast_demo_report_matches_eval_json(tmp_path):
         data = [f"data={tmp_path / 'fmnist'}", "train_per_class=100", "test_per_class=30"]
     out = tmp_path / "demo"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "train.experiments.demo.run", "--fast", "--out", str(out), *data,
+    proc = subprocess.run([sys.executable, "-m", "train.experiments.demo", "--fast", "--out", str(out), *data,
                            "eval_max_samples=300"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("1/5 shards", "2-3/5 training", "4/5 evaluation", "5/5 report"):

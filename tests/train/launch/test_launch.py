@@ -19,7 +19,8 @@ import yaml
 from common.jobs import RESUME_LATEST
 from tests.harness.slurm_cluster import (ROOT, job_info, read_steps, slurm_cluster, slurm_rendezvous,  # noqa: F401
                                  wait_for)
-from train.launch.executor import TrainingJob, grid_points, point_name, submit, sweep
+from train.launch import executor
+from train.launch.executor import LaunchOptions, TrainingJob, grid_points, point_name, submit, sweep
 
 TOY = "tests.harness.slurm_cluster:toy_main"
 
@@ -73,6 +74,36 @@ def test_checkpoint_resubmits_the_same_call_resuming_from_latest():
 def test_local_cluster_has_one_node():
     with pytest.raises(ValueError, match="nodes must be 1"):
         submit("c.yaml", cluster="local", nodes=2, entry=TOY)
+
+
+def test_keyword_launch_options_reach_the_executor(monkeypatch):
+    """The documented call submit(config, overrides, nodes=..., gpus_per_node=...) and sweep(...) fill
+    LaunchOptions field by field; launch=LaunchOptions(...) is the same with keywords winning."""
+    seen = []
+
+    class Recorder:    # stands in for the submitit executor: what would be submitted, nothing queued
+        def submit(self, job, config, overrides):
+            return (job.entry, config, overrides)
+
+        def map_array(self, job, configs, per_point):
+            return [(job.entry, c, o) for c, o in zip(configs, per_point)]
+
+    def fake_executor(opts, array_parallelism=1):
+        seen.append((opts, array_parallelism))
+        return Recorder()
+
+    monkeypatch.setattr(executor, "_executor", fake_executor)
+    assert submit("c.yaml", ["a=1"], nodes=2, gpus_per_node=8, partition="gpu", time=90, entry=TOY) == \
+        (TOY, "c.yaml", ["a=1"])
+    assert seen[-1] == (LaunchOptions(nodes=2, gpus_per_node=8, partition="gpu", time=90, job_name="clip-train"), 1)
+    assert seen[-1][0].world_size == 16
+    base = LaunchOptions(cluster="local", tasks_per_node=2, folder="f", job_name="mine")
+    jobs = sweep("c.yaml", {"run.seed": [0, 1]}, ["run.run_dir=r"], base, array_parallelism=3, time=5, entry=TOY)
+    assert [o[-1] for o in jobs] == [["run.run_dir=r", f"run.seed={s}", f"run.run_dir=r/seed-{s}"] for s in (0, 1)]
+    assert seen[-1] == (LaunchOptions(cluster="local", tasks_per_node=2, folder="f", job_name="mine", time=5), 3)
+    assert seen[-1][0].world_size == 2
+    with pytest.raises(TypeError, match="unknown launch option.*gpus"):
+        submit("c.yaml", gpus=8, entry=TOY)
 
 
 # --- the local executor -----------------------------------------------------------------------
@@ -137,7 +168,7 @@ def test_slurm_sweep_is_a_job_array_with_one_run_dir_per_point(slurm_cluster, tm
 @pytest.mark.slow
 def test_cli_submits_locally_and_prints_the_result(tmp_path):
     run_dir = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "train.launch.executor", "--entry", TOY, "--config", "my.yaml",
+    out = subprocess.run([sys.executable, "-m", "train.launch", "--entry", TOY, "--config", "my.yaml",
                           "--cluster", "local", "--folder", str(tmp_path / "s"), "--wait",
                           f"run.run_dir={run_dir}", "optim.steps=2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=180,
@@ -194,7 +225,7 @@ def launch_cli(tmp_path, *args):
     (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(marker=marker))
     (bin_dir / "sbatch").chmod(0o755)
     marker.unlink(missing_ok=True)
-    out = subprocess.run([sys.executable, "-m", "train.launch.executor", "--folder", str(tmp_path / "s"), *args],
+    out = subprocess.run([sys.executable, "-m", "train.launch", "--folder", str(tmp_path / "s"), *args],
                          cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     return out, marker.exists()

@@ -10,7 +10,6 @@ makes the comparison exact to 1e-10. The convention checked (train/losses/object
 """
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from common.net import free_port
 from train.config import LossConfig
 from train.losses.objective import (ContrastiveObjective, clip_loss, cyclic_regularizers, lmix_loss,
                           m2mix_loss, vlmix_loss, vmix_loss)
@@ -86,12 +86,6 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         torch.save(run_checks(raw_image[rows], raw_text[rows], projection), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

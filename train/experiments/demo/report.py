@@ -3,16 +3,15 @@
 Arms are the demo's own (it knows which runs are seeds of one arm): fine-tunings of seed s start
 from the pretraining of seed s, so their configs differ in ``model.pretrained`` and the generic
 `train.evaluate compare` grouping would not pool them. Cells are mean ± sample standard deviation
-over seeds, from each run's eval/eval.json through ``train.evaluate.core.headline``.
+over seeds, from each run's eval/eval.json, for the metrics of train/experiments/claims.py.
 
-A claimed effect "shows" when the better-direction difference of the arm means exceeds twice its
-standard error sqrt(s_a²/n_a + s_b²/n_b); within that it is "within seed noise"; beyond it in the
-other direction it is "reversed". With one seed there is no spread, and the report says so.
+The claimed effects and the verdict rule (paired differences over seeds, 95% t-interval; with one seed
+no verdict) are train/experiments/claims.py's, the same as the study's. Runs of one seed pair across arms:
+both arms' run lists are in the order of the demo config's ``seeds``.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import statistics
@@ -21,115 +20,65 @@ from typing import Dict, List, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from common.shard_folder import read_manifest
-
 from common.atomic_files import atomic_write_text
-from train.evaluate.core import headline
-from train.evaluate.report import markdown_table, metric_bars
 from common.paths import REPO_ROOT
+from common.shard_folder import read_manifest
+from train.evaluate.report import markdown_table, metric_bars
+from train.experiments import claims
 
-# (metric key, label, higher is better)
-METRICS = [
-    ("zero_shot.top1", "zero-shot top-1 ↑", True), ("zero_shot.top5", "zero-shot top-5 ↑", True),
-    ("zero_shot.ece", "ECE ↓", False), ("zero_shot.ece_ts", "ECE after temperature scaling ↓", False),
-    ("zero_shot.nll", "NLL ↓", False), ("zero_shot.consistency", "consistency (k-NN over train) ↑", True),
-    ("robustness.shifted_top1", "shifted top-1 (mean of 12) ↑", True),
-    ("robustness.relative", "shifted / clean top-1 ↑", True),
-    ("retrieval.i2t_R@1", "image→text R@1 ↑", True), ("retrieval.t2i_R@1", "text→image R@1 ↑", True),
-    ("embedding.alignment", "alignment ↓", False), ("embedding.uniformity_union", "uniformity (union) ↓", False),
-    ("embedding.modality_gap", "modality gap", None), ("embedding.C_in", "C_in", None),
-    ("embedding.C_cross", "C_cross", None),
-]
-LABELS = {m: (label, better) for m, label, better in METRICS}
-# The seeds' claims (docs/METHODS.md §5) as (arm, baseline arm, metric).
-PRETRAIN_CLAIMS = [("CyCLIP", "CLIP", "zero_shot.top1"), ("CyCLIP", "CLIP", "zero_shot.consistency"),
-                   ("CyCLIP", "CLIP", "robustness.shifted_top1")]
-FINETUNE_CLAIM_METRICS = ["zero_shot.ece", "robustness.shifted_top1", "robustness.relative",
-                          "embedding.alignment", "embedding.uniformity_union"]
 Cell = Tuple[float, float, int]
 
 
+def load_evals(arms: Dict[str, List[Path]]) -> Dict[str, List[Dict]]:
+    """{arm: [eval/eval.json of each run, in seed order]}."""
+    return {arm: [json.loads((r / "eval" / "eval.json").read_text()) for r in runs] for arm, runs in arms.items()}
+
+
 def arm_table(arms: Dict[str, List[Path]]) -> Dict[str, Dict[str, Cell]]:
-    """{arm: {metric: (mean, sample sd, n)}} from each run's eval/eval.json."""
+    """{arm: {metric key: (mean, sample sd, n)}} from each run's eval/eval.json (metrics it has)."""
     table = {}
-    for arm, runs in arms.items():
-        flats = [headline(json.loads((r / "eval" / "eval.json").read_text())) for r in runs]
+    for arm, evals in load_evals(arms).items():
         table[arm] = {}
-        for metric, _, _ in METRICS:
-            values = [f[metric] for f in flats if metric in f]
+        for m in claims.METRICS:
+            values = [v for v in (claims.value(e, m.key) for e in evals) if v is not None]
             if values:
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
-                table[arm][metric] = (statistics.fmean(values), sd, len(values))
+                table[arm][m.key] = (statistics.fmean(values), sd, len(values))
     return table
 
 
-def cell_text(cell: Cell | None) -> str:
-    if cell is None:
-        return "—"
-    return f"{cell[0]:.4f}" if cell[2] == 1 else f"{cell[0]:.4f} ± {cell[1]:.4f}"
-
-
-def side_by_side(table: Dict[str, Dict[str, Cell]]) -> str:
-    arms = list(table)
-    n = {a: max((c[2] for c in table[a].values()), default=0) for a in arms}
-    rows = [[label] + [cell_text(table[a].get(m)) for a in arms] for m, label, _ in METRICS
-            if any(m in table[a] for a in arms)]
-    return markdown_table(["metric"] + [f"{a} (n={n[a]})" for a in arms], rows)
-
-
-def verdict(table, arm: str, base: str, metric: str) -> Tuple[str, str]:
-    """(status, sentence) for "arm is better than base on metric", judged against seed spread."""
-    label, higher = LABELS[metric]
-    (ma, sa, na), (mb, sb, nb) = table[arm][metric], table[base][metric]
-    gain = (ma - mb) if higher else (mb - ma)
-    name = label.rstrip(" ↑↓")
-    numbers = f"{name}: {arm} {ma:.4f} vs {base} {mb:.4f}"
-    if na < 2 or nb < 2:
-        direction = "better" if gain > 0 else "not better"
-        return "one seed", f"{numbers} — {direction}, but with one seed there is no spread to judge it against."
-    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
-    if gain > 2 * se:
-        return "shows", f"{numbers} — better by {abs(gain):.4f}, more than twice its standard error ({se:.4f})."
-    if gain < -2 * se:
-        return "reversed", (f"{numbers} — **worse** by {abs(gain):.4f}, more than twice its standard error "
-                            f"({se:.4f}): the claimed effect is reversed at this scale.")
-    return "noise", (f"{numbers} — gain {gain:+.4f} (positive = better) is within twice its standard error "
-                     f"({se:.4f}): it does not show at this scale.")
-
-
-def claims_section(pre: Dict, fine: Dict) -> List[str]:
-    items = [("CyCLIP vs CLIP (pretraining, same data, budget and seeds)", [verdict(pre, a, b, m)
-                                                                           for a, b, m in PRETRAIN_CLAIMS])]
+def comparisons(pre: Dict[str, List[Dict]], fine: Dict[str, List[Dict]]) -> List[Tuple[str, List[claims.Verdict]]]:
+    """(title, verdicts) of CyCLIP vs CLIP and of m²-Mix vs plain from each pretraining, on paired seeds."""
+    items = [("CyCLIP vs CLIP (pretraining, same data, budget and seeds)",
+              claims.judge_arms(pre, "cyclip", "clip", {"cyclip": "CyCLIP", "clip": "CLIP"}))]
     for init in ("CLIP", "CyCLIP"):
-        arm, base = f"m²-Mix ← {init}", f"plain ← {init}"
-        if arm in fine and base in fine:
+        names = {"m2mix": f"m²-Mix ← {init}", "plain": f"plain ← {init}"}
+        if all(n in fine for n in names.values()):
             items.append((f"m²-Mix vs plain fine-tuning, both from {init}",
-                          [verdict(fine, arm, base, m) for m in FINETUNE_CLAIM_METRICS]))
-    lines, counts = [], {}
-    for title, verdicts in items:
+                          claims.judge_arms(fine, "m2mix", "plain", names)))
+    return items
+
+
+def claims_section(pre: Dict[str, List[Dict]], fine: Dict[str, List[Dict]], pre_table: Dict) -> List[str]:
+    lines, verdicts = [], []
+    for title, judged in comparisons(pre, fine):
         lines += [f"**{title}.**", ""]
-        for status, sentence in verdicts:
-            counts[status] = counts.get(status, 0) + 1
-            lines.append(f"- [{status}] {sentence}")
+        arm_names = {"cyclip": "CyCLIP", "clip": "CLIP", "m2mix": "m²-Mix", "plain": "plain"}
+        for v in judged:
+            verdicts.append(v)
+            lines.append(f"- [{v.status}] " + claims.sentence(v, arm_names[v.claim.arm], arm_names[v.claim.baseline]))
         lines.append("")
-    total = sum(counts.values())
-    shown = counts.get("shows", 0)
-    if counts.get("one seed"):
-        summary = (f"This run has one seed per arm, so none of the {total} comparisons can be separated from seed "
-                   "noise; read the directions only as anecdotes.")
-    elif shown == total:
-        summary = f"All {total} claimed effects show at this scale, each by more than twice its standard error."
-    else:
-        summary = (f"{shown} of {total} claimed effects show at this scale; {counts.get('noise', 0)} within seed "
-                   f"noise, {counts.get('reversed', 0)} reversed. Where an effect does not show, this demo "
-                   "does not reproduce it: the models are tiny, trained for minutes on 32 px images, far from the "
-                   "papers' settings; `make study` (study/REPORT.md) is the tuned, multi-seed test of these claims.")
-    return ["## Do the claimed effects show?", "", summary, "", *regularizer_check(pre), ""] + lines
+    summary = claims.summary(verdicts)
+    if not any(v.status == "one seed" for v in verdicts) and any(v.status != "shows" for v in verdicts):
+        summary += (" Where an effect does not show, this demo does not reproduce it: the models are tiny, trained "
+                    "for minutes on 32 px images, far from the papers' settings; `make study` (study/REPORT.md) is "
+                    "the tuned, multi-seed test of these claims.")
+    return ["## Do the claimed effects show?", "", summary, "", *regularizer_check(pre_table), ""] + lines
 
 
 def regularizer_check(pre: Dict) -> List[str]:
     """Whether CyCLIP's terms did their direct job (lower C_in / C_cross on test), whatever the accuracy did."""
-    if not all(m in pre[a] for a in ("CLIP", "CyCLIP") for m in ("embedding.C_in", "embedding.C_cross")):
+    if not all(m in pre.get(a, {}) for a in ("CLIP", "CyCLIP") for m in ("embedding.C_in", "embedding.C_cross")):
         return []
     ratios = {m: pre["CyCLIP"][f"embedding.{m}"][0] / pre["CLIP"][f"embedding.{m}"][0] for m in ("C_in", "C_cross")}
     lower = all(r < 1 for r in ratios.values())
@@ -221,12 +170,12 @@ def write_report(cfg, out: Path, profile: str, pre_runs, fine_runs, timings: Dic
             arms_fine[f"{label} ← {init_label}"] = [r.run_dir(out) for r in fine_runs
                                                     if r.name.startswith(f"ft_{method}_from_{init}_s")]
     pre, fine = arm_table(arms_pre), arm_table(arms_fine)
+    pre_evals, fine_evals = load_evals(arms_pre), load_evals(arms_fine)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     metric_bars(pre, plots / "pretraining_bars.png")
     metric_bars(fine, plots / "finetuning_bars.png")
-    first = arms_pre["CLIP"][0]
-    test_eval = json.loads((first / "eval" / "eval.json").read_text())
+    test_eval = pre_evals["CLIP"][0]
     train_m, test_m = read_manifest(cfg.data), read_manifest(f"{cfg.data}_test")
     setup = {arm: hyperparameters(runs[0]) for arm, runs in {**arms_pre, **arms_fine}.items()}
     hp_pre, hp_fine = setup["CLIP"], setup["plain ← CLIP"]
@@ -251,9 +200,9 @@ def write_report(cfg, out: Path, profile: str, pre_runs, fine_runs, timings: Dic
     lines += tuning_section(out, profile, float(hp_pre["lr"]), float(hp_fine["lr"]))
     lines += ["## Results on the test split", "",
               "Mean ± sample standard deviation over seeds (n = seeds). ↑/↓: the better direction.", "",
-              "### Pretraining", "", side_by_side(pre), "", "![pretraining](plots/pretraining_bars.png)", "",
-              "### Fine-tuning", "", side_by_side(fine), "", "![fine-tuning](plots/finetuning_bars.png)", ""]
-    lines += claims_section(pre, fine)
+              "### Pretraining", "", claims.results_table(pre_evals), "", "![pretraining](plots/pretraining_bars.png)", "",
+              "### Fine-tuning", "", claims.results_table(fine_evals), "", "![fine-tuning](plots/finetuning_bars.png)", ""]
+    lines += claims_section(pre_evals, fine_evals, pre)
     parts = [f"{k} {timings[k]:.0f} s" if k in timings else f"{k} not timed (reused from before)"
              for k in ("shards", "training", "evaluation")]
     lines += ["## Time", "",

@@ -24,52 +24,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from common.config_loader import load_config
 from common.jobs import resume_overrides
+from common.net import free_port
 from common.paths import REPO_ROOT
+from train.experiments.demo.config import DemoConfig
 
 ROOT = REPO_ROOT
 DEMO_CONFIGS = ROOT / "configs" / "demo"
 PRETRAIN = {"clip": ROOT / "configs" / "pretrain_clip.yaml", "cyclip": ROOT / "configs" / "pretrain_cyclip.yaml"}
 FINETUNE = {"plain": ROOT / "configs" / "finetune_plain.yaml", "m2mix": ROOT / "configs" / "finetune_m2mix.yaml"}
-
-
-@dataclass
-class DemoConfig:
-    data: str = "data/fmnist_demo"
-    """Train/val dataset folder; `pipeline demo` writes the held-out test split to DATA_test."""
-    train_per_class: int = 1500
-    """Fashion-MNIST training images per class put through ingestion (train + val)."""
-    test_per_class: int = 300
-    """Fashion-MNIST test images per class put through ingestion (the held-out test split)."""
-    seeds: List[int] = field(default_factory=lambda: [0, 1])
-    """Seeds of every arm; each fine-tuning seed starts from the pretraining of the same seed."""
-    ranks: int = 2
-    """Local training processes (gloo on CPU)."""
-    pretrain_overrides: List[str] = field(default_factory=list)
-    """key=value overrides applied to both pretraining configs (same budget for CLIP and CyCLIP)."""
-    cyclip_overrides: List[str] = field(default_factory=list)
-    """key=value overrides for the CyCLIP pretraining arm only (its lambda, chosen on val by ``make study``)."""
-    finetune_overrides: List[str] = field(default_factory=list)
-    """key=value overrides applied to both fine-tuning configs (same budget for plain and m²-Mix)."""
-    eval_max_samples: int = 1000
-    """Test images evaluated, clean and in each of the 12 corrupted copies (0 = all)."""
-    eval_reference_samples: int = 3000
-    """Training images whose embeddings CyCLIP's k-NN consistency votes over (the val split fits the ECE temperature)."""
-    eval_batch_size: int = 500
-    """Images per forward pass in evaluation."""
-    tune_pretrain_lr: List[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
-    """--tune: pretraining learning rates tried (CLIP loss, seed of the first entry of ``seeds``)."""
-    tune_finetune_lr: List[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
-    """--tune: plain fine-tuning learning rates tried, from the best pretraining of the sweep."""
 
 
 @dataclass
@@ -93,12 +64,6 @@ def log_stage(msg: str, t0: float) -> None:
 
 def test_dir(data: str | Path) -> Path:
     return Path(f"{data}_test")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_shards(cfg: DemoConfig) -> bool:
@@ -163,7 +128,7 @@ def train_all(runs: List[Run], out: Path, ranks: int) -> int:
     plan = out / "train_plan.json"
     plan.write_text(json.dumps([{"name": r.name, "argv": r.argv(out)} for r in todo], indent=1))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "train.experiments.demo.run", "worker", str(plan)]
+           "-m", "train.experiments.demo", "worker", str(plan)]
     print("$ " + " ".join(cmd), flush=True)
     # One thread per rank (2 ranks on 2 cores), and DeepSpeed's JIT cache where `make` keeps it: a
     # fresh cache costs a ~45 s compile, and two demos sharing one wait on its lock.
@@ -326,3 +291,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     run_demo(cfg, out, profile, args.skip_shards)
     return 0
+
+
+if __name__ == "__main__":    # `python -m train.experiments.demo.run` as well as the package's __main__
+    sys.exit(main())

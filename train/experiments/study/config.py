@@ -1,0 +1,94 @@
+"""The study's settings (`configs/study/*.yaml`, key=value overrides), torch-free: a config is checked before
+any model is built.
+
+Every run's optimizer and loss are the trainer's own schemas (``OptimConfig``, ``LossConfig``), built by the
+methods below: the study sets the budget, learning rate, warmup, weight decay and the method's weights; every
+other optimizer setting (AdamW betas and eps, min_lr, gradient clipping, the logit-scale clamp, the fused
+kernel) is the trainer's default, so changing that default changes the study too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from train.config import LossConfig, OptimConfig
+
+
+@dataclass
+class StudyConfig:
+    out: str = "study"
+    """Output folder: runs/, cache/, plots/, REPORT.md, results.json."""
+    device: str = "cpu"
+    """Torch device (``cuda`` for the GPU profile)."""
+    threads: int = 2
+    """torch intra-op threads on CPU."""
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """Paired seeds: every arm runs each; the first also does the tuning."""
+    pretrain_size: int = 48000
+    """Fashion-MNIST training images used as pretraining pairs."""
+    val_size: int = 3000
+    """Training images held out as val (tuning and temperature fitting)."""
+    finetune_size: int = 9000
+    """Training images held out from pretraining as the shifted fine-tuning pool."""
+    test_size: int = 10000
+    """Test images (all 10,000 by default), clean and in each of the 12 corrupted copies."""
+    reference_size: int = 10000
+    """Pretraining images whose embeddings the k-NN consistency votes over."""
+    pretrain_steps: int = 300
+    """Optimizer steps per pretraining run."""
+    pretrain_batch: int = 256
+    """Global batch of pretraining (one process)."""
+    pretrain_warmup: int = 30
+    """Linear warmup steps before the cosine schedule."""
+    pretrain_weight_decay: float = 0.2
+    """AdamW weight decay (CLIP's 0.2)."""
+    pretrain_lrs: List[float] = field(default_factory=lambda: [1e-3, 3e-3])
+    """Learning rates tried on val for each pretraining arm."""
+    cyclip_lambdas: List[float] = field(default_factory=lambda: [0.05, 0.25])
+    """λ₁ = λ₂ tried on val for CyCLIP, stated at ``cyclip_reference_batch`` (the paper: 0.25 at 512)."""
+    cyclip_reference_batch: int = 512
+    """N_ref of ``loss.cyclip_reference_batch``: the batch at which the λ values above are stated."""
+    finetune_steps: int = 300
+    """Optimizer steps per fine-tuning run."""
+    finetune_batch: int = 128
+    """The m²-Mix reference's batch size."""
+    finetune_warmup: int = 30
+    """Linear warmup steps of fine-tuning."""
+    finetune_weight_decay: float = 0.2
+    """AdamW weight decay of fine-tuning."""
+    finetune_lrs: List[float] = field(default_factory=lambda: [1e-4, 3e-4])
+    """Learning rates tried on val for each fine-tuning arm."""
+    m2mix_weights: List[float] = field(default_factory=lambda: [0.02, 0.1])
+    """w tried on val (this repo's mean convention: the reference's 0.01 and 0.05)."""
+    finetune_clip_scale: float = 100.0
+    """Fixed CLIP scale while fine-tuning, both arms (the reference's τ = 0.01)."""
+    m2mix_logit_scale: float = 1 / 0.07
+    """The reference's separate mix scale (--sep_scale, τ₂ = 0.07)."""
+    m2mix_alpha: float = 0.5
+    """α of λ ~ Beta(α, α) for m²-Mix (the reference's 0.5)."""
+    grad_share_sizes: List[int] = field(default_factory=lambda: [64, 512, 4096, 32768])
+    """Global batches at which the regularisers' gradient share is measured on real features."""
+
+    def pretrain_optim(self, lr: float) -> OptimConfig:
+        """One pretraining run's optimizer and schedule (the trainer's defaults for everything not set here)."""
+        return OptimConfig(steps=self.pretrain_steps, lr=lr, warmup_steps=self.pretrain_warmup,
+                           weight_decay=self.pretrain_weight_decay)
+
+    def finetune_optim(self, lr: float) -> OptimConfig:
+        """One fine-tuning run's optimizer and schedule."""
+        return OptimConfig(steps=self.finetune_steps, lr=lr, warmup_steps=self.finetune_warmup,
+                           weight_decay=self.finetune_weight_decay)
+
+    def pretrain_loss(self, lam: float) -> LossConfig:
+        """CLIP (λ = 0) or CyCLIP with λ₁ = λ₂ = λ stated at ``cyclip_reference_batch``."""
+        return LossConfig(cyclip_in_modal=lam, cyclip_cross_modal=lam,
+                          cyclip_reference_batch=self.cyclip_reference_batch if lam else None)
+
+    def finetune_loss(self, w: float) -> LossConfig:
+        """Plain fine-tuning (w = 0) or m²-Mix with weight w, both at the reference's fixed CLIP scale; m²-Mix
+        with its separate mix scale and the 1/(epoch+1) weight schedule (the reference's --schedule)."""
+        epoch_steps = max(1, self.finetune_size // self.finetune_batch)
+        return LossConfig(clip_logit_scale=self.finetune_clip_scale, m2mix_weight=w,
+                          m2mix_logit_scale=self.m2mix_logit_scale if w else None, m2mix_alpha=self.m2mix_alpha,
+                          mix_weight_schedule="inverse_epoch" if w else "constant",
+                          schedule_epoch_steps=epoch_steps if w else 0)
