@@ -124,7 +124,7 @@ def _dedup_throughput(n_rows: int, partitions: int) -> float:
             (work / "filter" / f"part-{part:05d}.json").write_text(f'{{"kept": {rows}}}')
         cfg = IngestConfig()
         cfg.dedup.partitions = partitions
-        cfg.workers = 2
+        cfg.num_workers = 2
         t0 = time.perf_counter()
         stages.run_dedup(n_parts, cfg, work)
         return n_rows / (time.perf_counter() - t0)
@@ -137,7 +137,7 @@ def run(quick: bool = False) -> str:
     d = cfg.download
     d.image_size, d.resize_mode, d.processes_count, d.thread_count, d.timeout = 32, "border", 2, 8, 10
     d.number_sample_per_shard = 1000
-    cfg.dedup.partitions, cfg.reshard.samples_per_shard, cfg.workers = 4, 500, 2
+    cfg.dedup.partitions, cfg.reshard.samples_per_shard, cfg.num_workers = 4, 500, 2
     tmp = Path(tempfile.mkdtemp(prefix="bench_ingest_"))
     try:
         _images(tmp / "img", n)

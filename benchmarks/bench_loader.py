@@ -97,7 +97,7 @@ def index_memory_mb(num_samples: int = 10**9, num_shards: int = 10**5, world: in
         del shards
         tracemalloc.start()
         manifest = read_manifest(tmp)
-        order = make_order(manifest, DataConfig(split="train", global_batch_size=32768, partitions=0,
+        order = make_order(manifest, DataConfig(split="train", global_batch_size=32768, streams=0,
                                                 shuffle_window=4), seed=0)
         for stream in order.rank_streams(0, world):
             for slot in order.slots(10**6, stream):

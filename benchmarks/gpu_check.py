@@ -36,6 +36,7 @@ import torch
 from benchmarks.bench_trainer import bench_env, open_clip_train, ours, run_open_clip_train
 from benchmarks.digits import make_digits_dataset
 from common.net import free_port
+from common.errors import EXIT_USER_ERROR
 from train.launch.local import launch_ranks, log_tail, wait_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +66,7 @@ def check_gpu(dry: bool) -> str:
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a machine with "
               "one GPU, or `python -m benchmarks.gpu_check --cpu-dry-run` to exercise it on the CPU", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     return torch.cuda.get_device_name(0)
 
 

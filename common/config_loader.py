@@ -18,11 +18,12 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.errors import ConfigError  # noqa: F401  (re-exported: `from common.config_loader import ConfigError`)
+from common.validation import check_finite
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
 
 
 def _merge(base, update, source: str, fallback_key: str = "?"):
@@ -141,10 +142,30 @@ def _apply_override(schema, cfg, item: str):
     return _merge(cfg, update, f"command line (override '{item}')", fallback_key=key)
 
 
+def _dotted_keys(tree, prefix: str = "") -> list:
+    """Every dotted key of a nested mapping (sections and their fields)."""
+    out = []
+    for key, value in tree.items():
+        out.append(prefix + str(key))
+        if isinstance(value, dict):
+            out.extend(_dotted_keys(value, f"{prefix}{key}."))
+    return out
+
+
+def refuse_renamed(schema, keys: Iterable[str], source: str) -> None:
+    """ConfigError naming the new key when a key renamed in ``schema.RENAMED`` ({old dotted key: new}) is
+    used: an old name is never a silent alias (it would be ignored by one reader and read by another)."""
+    renamed = getattr(schema, "RENAMED", {})
+    for key in keys:
+        if key in renamed:
+            raise ConfigError(f"{source}: {key} was renamed to {renamed[key]}; use {renamed[key]}")
+
+
 def load_config(schema: Type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Build ``schema`` from its defaults, then ``path`` (YAML), then ``key=value`` overrides.
 
-    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key.
+    Unknown keys, renamed keys, values of the wrong type, NaN/±inf numbers (``common.validation``) and
+    whatever the schema's ``validate()`` refuses raise :class:`ConfigError` naming the key.
     """
     cfg = OmegaConf.structured(schema)
     if path is not None:
@@ -160,7 +181,10 @@ def load_config(schema: Type[T], path: str | Path | None = None, overrides: Iter
         if loaded is not None and not OmegaConf.is_dict(loaded):
             raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
         if loaded:
+            refuse_renamed(schema, _dotted_keys(OmegaConf.to_container(loaded, resolve=False)), str(path))
             cfg = _merge(cfg, _as_written(schema, loaded, texts, str(path)), str(path))
+    overrides = list(overrides)
+    refuse_renamed(schema, [o.split("=", 1)[0].lstrip("+~") for o in overrides if isinstance(o, str)], "command line")
     for item in overrides:
         cfg = _apply_override(schema, cfg, item)
     try:
@@ -168,16 +192,12 @@ def load_config(schema: Type[T], path: str | Path | None = None, overrides: Iter
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"bad config key '{key}': {str(err).splitlines()[0]}") from None
-    except (ValueError, TypeError) as err:  # a section's __post_init__ check (it names its key)
+    except (ValueError, TypeError) as err:  # a section's __post_init__ normalisation (it names its key)
         raise ConfigError(" ".join(str(err).split())) from None
+    check_finite(obj)
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        try:
-            validate()
-        except ConfigError:
-            raise
-        except ValueError as err:  # schemas outside pipeline/ raise ValueError naming the key
-            raise ConfigError(" ".join(str(err).split())) from None
+        validate()
     return obj
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from typing import Iterable, List
 
-EXIT_REQUEUE = 3
+from common.errors import EXIT_REQUEUE  # noqa: E402  (written once, in common/errors.py)
 RESUME_LATEST = "run.resume=latest"
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 USAGE = "usage: python -m common.jobs exit-requeue | launcher-vars | train-args RESTARTS [key=value ...]"

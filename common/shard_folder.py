@@ -38,6 +38,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from common.atomic_files import atomic_path, atomic_write_text
+from common.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def read_manifest(folder: str | os.PathLike, storage_options: Optional[dict] = N
     return _parse_manifest(text, path, root)
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """manifest.json exists but is not a manifest (not JSON, wrong shape, missing keys); names the file."""
 
 

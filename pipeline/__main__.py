@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import traceback
 import os
 import sys
 import time
@@ -34,14 +33,14 @@ from common.config_loader import ConfigError, flat_fields, load_config, to_dict,
 from common.atomic_files import atomic_write_text  # noqa: E402
 from pipeline.stages.read_input import InputError, list_input_files  # noqa: E402
 from pipeline.settings import IngestConfig  # noqa: E402
-from pipeline.stages.summary import EmptyDatasetError  # noqa: E402
+from common.cli import run_entry_point  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "configs" / "shards_demo.yaml"
 
 
 # Settings that change how fast the work runs, never what it writes: a rerun may change them.
-RERUN_FREE = {"workers", "download.processes_count", "download.thread_count"}
+RERUN_FREE = {"num_workers", "download.processes_count", "download.thread_count"}
 
 
 def check_unchanged(saved: Path, cfg: IngestConfig) -> None:
@@ -139,20 +138,14 @@ def main(argv=None) -> int:
     if "--debug" in (args.overrides if hasattr(args, "overrides") else []):
         args.overrides.remove("--debug")  # after a positional, argparse hands it to overrides
         args.debug = True
-    try:
-        return dispatch(args) or 0
-    except USER_ERRORS as err:
-        if args.debug:
-            traceback.print_exc()
-        kind = "config error" if isinstance(err, ConfigError) else "error"
-        print(f"{kind}: {' '.join(str(err).split())}" + ("" if args.debug else "  (--debug shows the traceback)"),
-              file=sys.stderr)
-        return 2
+    # A user mistake: one line (common/cli.py); --debug shows the traceback too.
+    return run_entry_point(lambda _: dispatch(args), user_errors=OS_USER_ERRORS, debug=args.debug,
+                           hint="  (--debug shows the traceback)")
 
 
-# What a user can cause and fix: one line, no traceback. Anything else is a bug and shows one.
-USER_ERRORS = (ConfigError, InputError, EmptyDatasetError, FileNotFoundError, NotADirectoryError,
-               IsADirectoryError, PermissionError)
+# Besides UserError (ConfigError, InputError, EmptyDatasetError): the OS errors of a path the user gave.
+# Anything else is a bug and shows its traceback.
+OS_USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def dispatch(args) -> int | None:

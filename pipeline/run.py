@@ -90,7 +90,7 @@ def _normalize(i: int, files: List[Path], cfg: IngestConfig, work: Path) -> Dict
 
 
 def run_input(files: List[Path], cfg: IngestConfig, work: Path) -> list:
-    return _each("input", _Unit(_normalize, files, cfg, work), range(len(files)), cfg.workers)
+    return _each("input", _Unit(_normalize, files, cfg, work), range(len(files)), cfg.num_workers)
 
 
 def run_url_dedup(n_parts: int, cfg: IngestConfig, work: Path) -> None:
@@ -119,9 +119,9 @@ POOL_MIN_ROWS = 50_000
 
 
 def _workers_for(cfg: IngestConfig, work: Path, stage_dir: str, key: str) -> int:
-    """cfg.workers, or 1 when the previous stage's markers say the data is small."""
+    """cfg.num_workers, or 1 when the previous stage's markers say the data is small."""
     rows = sum(json.loads(m.read_text()).get(key, 0) for m in (work / stage_dir).glob("part-*.json"))
-    return cfg.workers if rows >= POOL_MIN_ROWS else 1
+    return cfg.num_workers if rows >= POOL_MIN_ROWS else 1
 
 
 def run_filter(n_parts: int, cfg: IngestConfig, work: Path) -> list:

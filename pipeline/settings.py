@@ -2,11 +2,11 @@
 ``common.config_loader.load_config(IngestConfig, yaml, overrides)``."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import ClassVar, Dict, List, Optional
 
-from common.config_loader import ConfigError
+from common.errors import ConfigError
+from common.validation import Choice, Range, Rule, check_bounds
 
 
 @dataclass
@@ -66,12 +66,12 @@ class DownloadConfig:
     """Seconds before a stalled request counts as failed (reason: timeout)."""
     retries: int = 0
     """Retries of a retryable failure (HTTP 408/429/500/502/503/504, timeout, reset connection),
-    each after max(Retry-After, backoff_seconds * 2**attempt) seconds. Done by our fetch front,
+    each after max(Retry-After, retry_backoff_s * 2**attempt) seconds. Done by our fetch front,
     not by img2dataset (whose retries go out back to back and ignore Retry-After)."""
     retry_after_cap: float = 60.0
     """Longest wait (s) a Retry-After may ask for. A host asking for more is not asked again (the
     row fails as http_429 / http_503), and the host's other rows fail fast until that time."""
-    backoff_seconds: float = 1.0
+    retry_backoff_s: float = 1.0
     """First backoff step (s) when a retryable failure carries no Retry-After."""
     fetch_front: bool = True
     """Fetch through the local fetch front (pipeline.stages.fetch): Retry-After, UTF-8/IDNA URL encoding
@@ -105,8 +105,8 @@ class ImageRules:
 
     min_side: int = 0
     """Images whose smaller original side is below this are filtered (image_too_small)."""
-    max_aspect_ratio: float = math.inf
-    """Images with long/short side above this are filtered (image_aspect_ratio)."""
+    max_aspect_ratio: Optional[float] = None
+    """Images with long/short side above this (>= 1) are filtered (image_aspect_ratio); null = no limit."""
 
 
 @dataclass
@@ -148,28 +148,41 @@ class IngestConfig:
     """Final shard size and the split names."""
     work_dir: Optional[str] = None
     """Intermediate stage folders; default OUT/_work. Delete after a successful run if space is short."""
-    workers: int = 2
+    num_workers: int = 2
     """Processes for the filter, dedup and reshard stages."""
 
+    RENAMED: ClassVar[Dict[str, str]] = {"workers": "num_workers", "download.backoff_seconds": "download.retry_backoff_s"}
+    """Old dotted key -> its new name; an old key is refused in one line naming the new one."""
+
+    BOUNDS: ClassVar[Dict[str, Rule]] = {
+        "num_workers": Range(low=1), "input.csv_block_bytes": Range(low=1),
+        "input.format": Choice(("auto", "parquet", "csv", "tsv", "jsonl")),
+        "captions.min_chars": Range(low=0),
+        "download.image_size": Range(low=1), "download.processes_count": Range(low=1),
+        "download.thread_count": Range(low=1), "download.timeout": Range(low=0, low_open=True),
+        "download.retries": Range(low=0), "download.retry_after_cap": Range(low=0),
+        "download.retry_backoff_s": Range(low=0), "download.number_sample_per_shard": Range(low=1),
+        "download.max_decode_pixels": Range(low=0, low_open=True),
+        "download.resize_mode": Choice(("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")),
+        "download.encode_format": Choice(("jpg", "png", "webp")),
+        "download.compute_hash": Choice(("sha256",)),  # dedup reads sha256
+        "download.distributor": Choice(("multiprocessing", "pyspark", "ray")),
+        "images.min_side": Range(low=0), "images.max_aspect_ratio": Range(low=1),  # None = no limit
+        "dedup.partitions": Range(low=1, high=4096),
+        "reshard.val_fraction": Range(low=0, high=1), "reshard.samples_per_shard": Range(low=1),
+        "reshard.seed": Range(low=0),  # numpy's seed sequence takes no negative entry
+    }
+    """Every field's rule, written once (common/validation.py; NaN/±inf are refused for every number).
+    Each out-of-range value would make every row fail (image_size=0 turned all rows into other_error) or
+    crash a stage later."""
+
     def validate(self) -> None:
-        if not 0.0 <= self.reshard.val_fraction <= 1.0:
-            raise ConfigError(f"reshard.val_fraction must be in [0, 1], got {self.reshard.val_fraction}")
-        if self.dedup.partitions < 1 or self.dedup.partitions > 4096:
-            raise ConfigError(f"dedup.partitions must be in [1, 4096], got {self.dedup.partitions}")
-        if self.reshard.samples_per_shard < 1:
-            raise ConfigError("reshard.samples_per_shard must be >= 1")
-        choices = {
-            "input.format": (self.input.format, ("auto", "parquet", "csv", "tsv", "jsonl")),
-            "download.resize_mode": (self.download.resize_mode,
-                                     ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")),
-            "download.encode_format": (self.download.encode_format, ("jpg", "png", "webp")),
-            "download.compute_hash": (self.download.compute_hash, ("sha256",)),  # dedup reads sha256
-            "download.distributor": (self.download.distributor, ("multiprocessing", "pyspark", "ray")),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"{key} must be one of {'|'.join(allowed)}, got '{value}'")
-        d = self.download
+        """ConfigError (one line naming the key) for a value outside its rule or an inconsistent pair."""
+        check_bounds(self, self.BOUNDS)
+        c, d = self.captions, self.download
+        if c.max_chars < max(c.min_chars, 1):
+            raise ConfigError(f"captions.max_chars must be >= {max(c.min_chars, 1)} (captions.min_chars), "
+                              f"got {c.max_chars}")
         if d.encode_format == "png" and not 0 <= d.quality <= 9:
             raise ConfigError("download.encode_quality is the PNG compression level (0-9) with encode_format=png, "
                               f"got {d.encode_quality}")
@@ -181,43 +194,9 @@ class IngestConfig:
             if missing or len(set(self.input.columns)) != len(self.input.columns):
                 raise ConfigError(f"input.columns {self.input.columns} must name each column once and include "
                                   f"input.url_col / caption_col / keep_columns (missing: {missing})")
-        self._check_bounds()
         r = self.reshard
         for key, name in (("reshard.train_split", r.train_split), ("reshard.val_split", r.val_split)):
             if not name.strip() or "/" in name or name != name.strip():
                 raise ConfigError(f"{key} must be a non-empty folder name without '/' or spaces, got '{name}'")
         if r.train_split == r.val_split:
             raise ConfigError(f"reshard.train_split and reshard.val_split must differ, both are '{r.train_split}'")
-
-    def _check_bounds(self) -> None:
-        """Numbers no one can mean: each would make every row fail (image_size=0 turned all rows
-        into other_error) or crash a stage later. One line naming the key."""
-        d, c, im = self.download, self.captions, self.images
-        bounds = [  # (key, value, lowest allowed, strict: value must be above it)
-            ("workers", self.workers, 1, False),
-            ("input.csv_block_bytes", self.input.csv_block_bytes, 1, False),
-            ("captions.min_chars", c.min_chars, 0, False),
-            ("captions.max_chars", c.max_chars, max(c.min_chars, 1), False),
-            ("download.image_size", d.image_size, 1, False),
-            ("download.processes_count", d.processes_count, 1, False),
-            ("download.thread_count", d.thread_count, 1, False),
-            ("download.timeout", d.timeout, 0, True),
-            ("download.retries", d.retries, 0, False),
-            ("download.retry_after_cap", d.retry_after_cap, 0, False),
-            ("download.backoff_seconds", d.backoff_seconds, 0, False),
-            ("download.number_sample_per_shard", d.number_sample_per_shard, 1, False),
-            ("download.max_decode_pixels", d.max_decode_pixels, 0, True),
-            ("images.min_side", im.min_side, 0, False),
-            ("images.max_aspect_ratio", im.max_aspect_ratio, 1, False),
-            ("reshard.seed", self.reshard.seed, 0, False),  # numpy's seed sequence takes no negative entry
-        ]
-        for key, value, low, strict in bounds:
-            if math.isnan(value) or (value <= low if strict else value < low):
-                rule = f"> {low}" if strict else f">= {low}"
-                if key == "captions.max_chars" and low > 1:
-                    rule += " (captions.min_chars)"
-                raise ConfigError(f"{key} must be {rule}, got {value}")
-        for key, value in (("download.retry_after_cap", d.retry_after_cap), ("download.backoff_seconds",
-                                                                             d.backoff_seconds)):
-            if math.isinf(value):
-                raise ConfigError(f"{key} must be finite, got {value}")

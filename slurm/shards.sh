@@ -58,10 +58,10 @@ case "${SHARDS_MODE:-submit}" in
     ;;
   part)
     echo "$(date -Is) part $SLURM_ARRAY_TASK_ID on $(hostname)"
-    exec "$PYTHON" -m pipeline part --index "$SLURM_ARRAY_TASK_ID" "$@" "workers=${SLURM_CPUS_PER_TASK:-1}"
+    exec "$PYTHON" -m pipeline part --index "$SLURM_ARRAY_TASK_ID" "$@" "num_workers=${SLURM_CPUS_PER_TASK:-1}"
     ;;
   global)
     echo "$(date -Is) global stages on $(hostname)"
-    exec "$PYTHON" -m pipeline global "$@" "workers=${SLURM_CPUS_PER_TASK:-1}"
+    exec "$PYTHON" -m pipeline global "$@" "num_workers=${SLURM_CPUS_PER_TASK:-1}"
     ;;
 esac

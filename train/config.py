@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional
 
-from common.config_loader import ConfigError
+from common.errors import ConfigError
+from common.validation import Choice, Range, Rule, check_bounds
 from common.paths import CONFIGS
 
 CONFIG_DIR = CONFIGS / "model"
@@ -33,10 +34,15 @@ class ModelConfig:
     """Extra keyword arguments passed to open_clip's model constructor."""
 
     def __post_init__(self) -> None:
+        # Normalisation, not a check (validate() checks): the config file's stem *is* the model's name.
         if self.config_file:
-            if not Path(self.config_file).is_file():
-                raise ValueError(f"model.config_file: no such file: {self.config_file}")
             self.name = Path(self.config_file).stem
+
+    def validate(self, prefix: str = "model.") -> None:
+        if self.config_file and not Path(self.config_file).is_file():
+            raise ConfigError(f"{prefix}config_file: no such file: {self.config_file}")
+        check_bounds(self, {"force_image_size": Range(low=1), "aug_scale_min": Range(low=0, high=1, low_open=True)},
+                     prefix)
 
 
 
@@ -82,24 +88,17 @@ class LossConfig:
     """Optimizer steps per epoch for ``inverse_epoch`` (samples per epoch / global batch); epoch =
     step // this, counted by the objective's draw_lambda (once per step) and checkpointed with it."""
 
-    def __post_init__(self) -> None:
-        # Each message names its key and value (config keys live under the ``loss`` section).
-        for key, value in vars(self).items():
-            if key.endswith(("_weight", "_modal")) and value < 0:
-                raise ValueError(f"loss.{key}={value}: a loss weight must be ≥ 0")
-        for key in [f"{t}_alpha" for t in MIX_TERMS] + ["m2mix_logit_scale", "clip_logit_scale"]:
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                what = "a Beta(α, α) parameter" if key.endswith("_alpha") else "a fixed logit scale (or null)"
-                raise ValueError(f"loss.{key}={value}: {what} must be > 0")
-        if self.cyclip_reference_batch is not None and self.cyclip_reference_batch < 1:
-            raise ValueError(f"loss.cyclip_reference_batch={self.cyclip_reference_batch}: must be ≥ 1 or null")
-        if self.mix_weight_schedule not in MIX_SCHEDULES:
-            raise ValueError(f"loss.mix_weight_schedule={self.mix_weight_schedule}: must be one of "
-                             f"{', '.join(MIX_SCHEDULES)}")
+    def validate(self, prefix: str = "loss.") -> None:
+        """ConfigError naming ``{prefix}{key}`` and its value (the keys live under the ``loss`` section)."""
+        bounds = {key: Range(low=0) for key in vars(self) if key.endswith(("_weight", "_modal"))}
+        bounds.update({f"{t}_alpha": Range(low=0, low_open=True) for t in MIX_TERMS})
+        bounds.update(m2mix_logit_scale=Range(low=0, low_open=True), clip_logit_scale=Range(low=0, low_open=True),
+                      cyclip_reference_batch=Range(low=1), schedule_epoch_steps=Range(low=0),
+                      mix_weight_schedule=Choice(MIX_SCHEDULES))
+        check_bounds(self, bounds, prefix)
         if self.mix_weight_schedule == "inverse_epoch" and self.schedule_epoch_steps < 1:
-            raise ValueError(f"loss.schedule_epoch_steps={self.schedule_epoch_steps}: "
-                             "loss.mix_weight_schedule=inverse_epoch needs ≥ 1 (optimizer steps per epoch)")
+            raise ConfigError(f"{prefix}schedule_epoch_steps={self.schedule_epoch_steps}: "
+                              f"{prefix}mix_weight_schedule=inverse_epoch needs >= 1 (optimizer steps per epoch)")
 
     @property
     def mixes(self) -> bool:
@@ -130,7 +129,7 @@ class DataConfig:
     """Micro-batches per optimizer step on each rank; features are cached so all negatives are kept."""
     num_workers: int = 1
     """DataLoader worker processes per rank (decode + augment); 0 decodes in the training process."""
-    partitions: int = 0
+    streams: int = 0
     """P, the canonical streams of the order (train/data/shard_order.py). 0 = auto: the largest power of two
     <= min(64, #shards) dividing global_batch_size. Keep it fixed for a run: the order depends on it.
     Rule: P divides global_batch_size and the world size divides P (every rank reads P / W streams)."""
@@ -273,46 +272,37 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """Run folder, seed, resume."""
 
+    RENAMED: ClassVar[Dict[str, str]] = {"data.partitions": "data.streams"}
+    """Old dotted key -> its new name; an old key is refused in one line naming the new one. ("partitions"
+    meant these loader streams here and hash buckets in the ingestion schema.)"""
+
+    BOUNDS: ClassVar[Dict[str, Rule]] = {
+        "data.global_batch_size": Range(low=1), "data.accum_freq": Range(low=1), "data.num_workers": Range(low=0),
+        "data.streams": Range(low=0), "data.shuffle_window": Range(low=1), "data.max_substitutions": Range(low=0),
+        "data.cache_limit_gb": Range(low=0, low_open=True), "data.retries": Range(low=0),
+        "data.retry_backoff_s": Range(low=0),
+        "optim.steps": Range(low=1), "optim.lr": Range(low=0, low_open=True), "optim.min_lr": Range(low=0),
+        "optim.warmup_steps": Range(low=0), "optim.weight_decay": Range(low=0),
+        "optim.beta1": Range(low=0, high=1, high_open=True), "optim.beta2": Range(low=0, high=1, high_open=True),
+        "optim.eps": Range(low=0, low_open=True), "optim.grad_clip": Range(low=0),
+        "optim.max_logit_scale": Range(low=0, low_open=True), "optim.max_nonfinite_steps": Range(low=1),
+        "zero.stage": Choice((0, 1, 2, 3)), "zero.precision": Choice(("auto", "bf16", "fp32")),
+        "zero.bf16_mode": Choice(("weights", "autocast")),
+        "zero.reduce_bucket_size": Range(low=1), "zero.allgather_bucket_size": Range(low=1),
+        "checkpoint.every_steps": Range(low=1), "checkpoint.keep_last": Range(low=0),
+        "logging.every_steps": Range(low=1), "logging.eval_every_steps": Range(low=0),
+        "logging.eval_max_samples": Range(low=1),
+        "run.stop_after_steps": Range(low=0), "run.device": Choice(("auto", "cpu", "cuda")),
+    }
+    """Every field's rule, written once (common/validation.py; NaN/±inf are refused for every number)."""
+
     def validate(self) -> None:
-        if self.zero.stage not in (0, 1, 2, 3):
-            raise ConfigError(f"zero.stage must be 0, 1, 2 or 3, got {self.zero.stage}")
-        if self.zero.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"zero.precision must be auto, bf16 or fp32, got '{self.zero.precision}'")
-        if self.zero.bf16_mode not in ("weights", "autocast"):
-            raise ConfigError(f"zero.bf16_mode must be weights or autocast, got '{self.zero.bf16_mode}'")
-        for key, value, low, strict in self._bounds():
-            if value is not None and (value <= low if strict else value < low):
-                raise ConfigError(f"{key} must be {'>' if strict else '>='} {low}, got {value}")
+        """ConfigError (one line naming the key) for any value outside its rule or an inconsistent pair."""
+        check_bounds(self, self.BOUNDS)
+        self.model.validate("model.")
+        self.loss.validate("loss.")
         if self.optim.min_lr > self.optim.lr:
             raise ConfigError(f"optim.min_lr={self.optim.min_lr} must be <= optim.lr={self.optim.lr}")
-        for key, beta in (("optim.beta1", self.optim.beta1), ("optim.beta2", self.optim.beta2)):
-            if not 0 <= beta < 1:
-                raise ConfigError(f"{key} must be in [0, 1), got {beta}")
-        if not 0 < self.model.aug_scale_min <= 1:
-            raise ConfigError(f"model.aug_scale_min must be in (0, 1], got {self.model.aug_scale_min}")
-
-    def _bounds(self) -> list:
-        """(key, value, bound, strict): every numeric field's lower bound (a value must be > or >= it)."""
-        d, o, z, c, g, r = self.data, self.optim, self.zero, self.checkpoint, self.logging, self.run
-        return [("data.global_batch_size", d.global_batch_size, 1, False), ("data.accum_freq", d.accum_freq, 1, False),
-                ("data.num_workers", d.num_workers, 0, False), ("data.partitions", d.partitions, 0, False),
-                ("data.shuffle_window", d.shuffle_window, 1, False),
-                ("data.max_substitutions", d.max_substitutions, 0, False),
-                ("data.cache_limit_gb", d.cache_limit_gb, 0, True), ("data.retries", d.retries, 0, False),
-                ("data.retry_backoff_s", d.retry_backoff_s, 0, False),
-                ("optim.steps", o.steps, 1, False), ("optim.lr", o.lr, 0, True), ("optim.min_lr", o.min_lr, 0, False),
-                ("optim.warmup_steps", o.warmup_steps, 0, False), ("optim.weight_decay", o.weight_decay, 0, False),
-                ("optim.eps", o.eps, 0, True), ("optim.grad_clip", o.grad_clip, 0, False),
-                ("optim.max_logit_scale", o.max_logit_scale, 0, True),
-                ("optim.max_nonfinite_steps", o.max_nonfinite_steps, 1, False),
-                ("zero.reduce_bucket_size", z.reduce_bucket_size, 1, False),
-                ("zero.allgather_bucket_size", z.allgather_bucket_size, 1, False),
-                ("checkpoint.every_steps", c.every_steps, 1, False), ("checkpoint.keep_last", c.keep_last, 0, False),
-                ("logging.every_steps", g.every_steps, 1, False),
-                ("logging.eval_every_steps", g.eval_every_steps, 0, False),
-                ("logging.eval_max_samples", g.eval_max_samples, 1, False),
-                ("run.stop_after_steps", r.stop_after_steps, 0, False),
-                ("model.force_image_size", self.model.force_image_size, 1, False)]
 
     def check_world_size(self, world_size: int) -> int:
         """The per-rank batch b = global / world; it must split into accum_freq equal micro-batches."""

@@ -113,7 +113,7 @@ def download_part(part: int, cfg: IngestConfig, work: Path) -> Dict:
 def front_settings(cfg: IngestConfig) -> FrontSettings:
     d = cfg.download
     return FrontSettings(timeout=d.timeout, retries=d.retries, retry_after_cap=d.retry_after_cap,
-                         backoff_seconds=d.backoff_seconds, user_agent_token=d.user_agent_token)
+                         retry_backoff_s=d.retry_backoff_s, user_agent_token=d.user_agent_token)
 
 
 def _run_img2dataset(table: pa.Table, out: Path, cfg: IngestConfig) -> None:

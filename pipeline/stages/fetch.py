@@ -51,7 +51,7 @@ class FrontSettings:
     timeout: float = 10.0
     retries: int = 0
     retry_after_cap: float = 60.0
-    backoff_seconds: float = 1.0
+    retry_backoff_s: float = 1.0
     user_agent_token: Optional[str] = None
 
     @property
@@ -131,14 +131,14 @@ def fetch(url: str, s: FrontSettings, gate: HostGate, opener=None) -> Tuple[byte
             if err.code not in RETRYABLE_CODES:
                 raise FetchFailed(last) from None
             asked = retry_after_seconds(err.headers.get("Retry-After") if err.headers else None)
-            delay = max(asked or 0.0, s.backoff_seconds * 2 ** attempt)
+            delay = max(asked or 0.0, s.retry_backoff_s * 2 ** attempt)
             if asked is not None:
                 gate.defer(host, time.time() + asked, err.code)
         except Exception as err:  # noqa: BLE001 - URLError, socket errors, bad status lines ...
             last = str(err)
             if not _is_retryable_error(err):
                 raise FetchFailed(last) from None
-            delay = s.backoff_seconds * 2 ** attempt
+            delay = s.retry_backoff_s * 2 ** attempt
         if attempt == s.retries or delay > s.retry_after_cap:
             break
         time.sleep(delay * (1 + 0.1 * random.random()))  # jitter: the retries of many rows spread out

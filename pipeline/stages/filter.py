@@ -43,7 +43,8 @@ def tar_index(path: Path, ext: str) -> Dict[str, Tuple[int, int]]:
 def image_reason(width: int, height: int, rules: ImageRules) -> str | None:
     if min(width, height) < rules.min_side:
         return "image_too_small"
-    if max(width, height) / max(min(width, height), 1) > rules.max_aspect_ratio:
+    limit = rules.max_aspect_ratio  # None: no limit
+    if limit is not None and max(width, height) / max(min(width, height), 1) > limit:
         return "image_aspect_ratio"
     return None
 

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from pipeline.stages.captions import caption_reason, clean_caption, decode_caption
 from common.atomic_files import atomic_path, atomic_write_text
 from pipeline.settings import IngestConfig
+from common.errors import InputError as UserInputError
 
 SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 RESERVED = {"row_key", "key", "url", "caption", "status", "error_message", "width", "height",
@@ -91,7 +92,7 @@ def normalize_url(url: str) -> Optional[str]:
     return urlunsplit((parts.scheme.lower(), netloc, path, query, ""))
 
 
-class InputError(ValueError):
+class InputError(UserInputError):
     """A malformed input file; the message names the file and, where known, the row."""
 
 

@@ -11,9 +11,10 @@ from common.shard_folder import Manifest, ShardInfo, SplitInfo, write_manifest
 
 from common.atomic_files import atomic_write_text
 from pipeline.settings import IngestConfig
+from common.errors import UserError
 
 
-class EmptyDatasetError(RuntimeError):
+class EmptyDatasetError(UserError):
     """The run finished and accounted for every row, but wrote no sample: a user-level failure (dead
     URLs, rules that reject everything), reported as one line; summary.json and the manifest stay."""
 

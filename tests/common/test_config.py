@@ -6,6 +6,9 @@ import pytest
 from common.config_loader import ConfigError, load_config
 from pipeline.settings import IngestConfig
 from common.paths import REPO_ROOT
+import yaml
+
+from common.validation import get_field
 
 ROOT = REPO_ROOT
 
@@ -181,12 +184,12 @@ def test_valid_manifest_still_reads(tmp_path):
 
 # ---- numbers no one can mean (image_size=0 made every row other_error): refused, naming the key ----
 @pytest.mark.parametrize("override", [
-    "workers=0", "input.csv_block_bytes=0", "captions.min_chars=-1", "captions.max_chars=0",
+    "num_workers=0", "input.csv_block_bytes=0", "captions.min_chars=-1", "captions.max_chars=0",
     "download.image_size=0", "download.image_size=-3", "download.processes_count=0", "download.thread_count=0",
     "download.timeout=0", "download.timeout=-5", "download.retries=-1", "download.retry_after_cap=-1",
-    "download.retry_after_cap=inf", "download.backoff_seconds=-0.5", "download.backoff_seconds=nan",
+    "download.retry_after_cap=inf", "download.retry_backoff_s=-0.5", "download.retry_backoff_s=nan",
     "download.number_sample_per_shard=0", "download.max_decode_pixels=0", "images.min_side=-1",
-    "images.max_aspect_ratio=0.5", "images.max_aspect_ratio=nan", "reshard.samples_per_shard=0",
+    "images.max_aspect_ratio=0.5", "images.max_aspect_ratio=nan", "images.max_aspect_ratio=inf", "reshard.samples_per_shard=0",
     "reshard.seed=-1", "reshard.val_fraction=-0.1", "dedup.partitions=0",
 ])
 def test_impossible_numbers_are_refused_naming_the_key(override):
@@ -206,6 +209,9 @@ def test_inconsistent_settings_are_refused(overrides, message):
 
 @pytest.mark.parametrize("override", ["download.image_size=1", "download.retries=0", "images.min_side=0",
                                       "images.max_aspect_ratio=1", "reshard.seed=0", "captions.min_chars=0",
-                                      "images.max_aspect_ratio=inf"])
+                                      "images.max_aspect_ratio=null", "download.retry_backoff_s=0"])
 def test_edge_values_that_can_be_meant_are_accepted(override):
-    load_config(IngestConfig, None, [override])
+    # The value that arrives is the one typed: yaml.safe_load of the text is the independent reference.
+    key, text = override.split("=", 1)
+    cfg = load_config(IngestConfig, None, [override])
+    assert get_field(cfg, key) == yaml.safe_load(text)

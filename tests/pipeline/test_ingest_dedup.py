@@ -56,7 +56,7 @@ def test_partitioned_dedup_equals_naive(tmp_path, partitions):
     rows = _make_parts(tmp_path)
     cfg = IngestConfig()
     cfg.dedup.partitions = partitions
-    cfg.workers = 1
+    cfg.num_workers = 1
     run_dedup(3, cfg, tmp_path)
     survivors = set()
     for q in range(partitions):
@@ -101,7 +101,7 @@ def test_disabled_passes_keep_everything(tmp_path):
     cfg = IngestConfig()
     cfg.dedup.partitions = 2
     cfg.dedup.by_url = cfg.dedup.by_content = False
-    cfg.workers = 1
+    cfg.num_workers = 1
     run_dedup(1, cfg, tmp_path)
     kept = sum(reduce_content(q, cfg, tmp_path)["kept"] for q in range(2))
     assert kept == len(rows)

@@ -354,7 +354,7 @@ def test_rerun_with_changed_settings_is_refused_but_speed_knobs_may_change(tmp_p
                           env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
     assert done.returncode == 0 and list((out / "_work" / "input").glob("part-*.json")), done.stderr
     same = argparse.Namespace(config=None, overrides=["download.image_size=32", "download.resize_mode=no",
-                                                      "workers=1", "download.thread_count=4"])
+                                                      "num_workers=1", "download.thread_count=4"])
     assert resolve_config(same, out).download.thread_count == 4
     with pytest.raises(InputError, match=r"download\.image_size was 32, now 64"):
         resolve_config(argparse.Namespace(config=None, overrides=["download.image_size=64",

@@ -47,7 +47,7 @@ def real_run(tmp_path_factory):
         (parts / "c.csv").write_text(BOM + f'"a, quoted ""csv"" caption",{u("img/33.jpg")}\n', encoding="utf-8")
         config = tmp / "real.yaml"
         config.write_text("input:\n  columns: [caption, url]\ndownload:\n  resize_mode: no\n  encode_format: png\n  encode_quality: 1\n"
-                          "  retries: 2\n  retry_after_cap: 5\n  backoff_seconds: 0.5\n  timeout: 3\n"
+                          "  retries: 2\n  retry_after_cap: 5\n  retry_backoff_s: 0.5\n  timeout: 3\n"
                           "  processes_count: 1\n  thread_count: 8\ndedup:\n  partitions: 3\n"
                           "reshard:\n  val_fraction: 0.0\n")
         out = tmp / "out"

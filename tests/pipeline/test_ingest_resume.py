@@ -22,7 +22,7 @@ from tests.harness.ingest_helpers import ROOT, BadWebHandler, pipeline_cmd, read
 pytestmark = pytest.mark.slow
 N = 600
 ARGS = ["download.image_size=24", "download.number_sample_per_shard=100", "download.processes_count=1",
-        "download.thread_count=4", "dedup.partitions=3", "reshard.samples_per_shard=40", "workers=1"]
+        "download.thread_count=4", "dedup.partitions=3", "reshard.samples_per_shard=40", "num_workers=1"]
 
 
 def _tar_digests(out: Path) -> dict:

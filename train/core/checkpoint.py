@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from common.atomic_files import atomic_write_text
-from common.config_loader import ConfigError
+from common.errors import InputError
 from common.paths import REPO_ROOT
 
 LATEST = "latest"
@@ -158,7 +158,7 @@ class CheckpointManager:
         state = self.load_trainer_state(path)
         missing = sorted(set(self.states) - set(state.get("states", {})))
         if missing:  # a user error (run.resume names it): one line from python -m train
-            raise ConfigError(f"{path / TRAINER_STATE} has no state for {', '.join(missing)}: not a checkpoint "
+            raise InputError(f"{path / TRAINER_STATE} has no state for {', '.join(missing)}: not a checkpoint "
                               "of this trainer version; resume it with the version that wrote it")
         for name, component in self.states.items():
             component.load_state_dict(state["states"][name])

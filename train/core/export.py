@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from common.atomic_files import atomic_path
-from common.config_loader import ConfigError
+from common.cli import run_entry_point
+from common.errors import EXIT_OK, InputError
 from train.model.build import export_state_dict, register_model_configs, write_model_config
 
 MODEL_FILE = "model.pt"
@@ -118,23 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", help="a run folder (exports its latest checkpoint) or a checkpoint folder")
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
     args = parser.parse_args(argv)
-    try:
+
+    def export(_argv) -> int:
         print(export_checkpoint(args.path, args.out))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_OK
+
+    return run_entry_point(export)    # a wrong path: one line, exit 2
 
 
 def check_export_source(path: Path) -> None:
-    """ConfigError (one line) unless ``path`` is a run folder with a complete checkpoint or a checkpoint folder."""
+    """InputError (one line) unless ``path`` is a run folder with a complete checkpoint or a checkpoint folder."""
     from train.core.checkpoint import LATEST, TRAINER_STATE
 
     if not path.exists():
-        raise ConfigError(f"{path}: no such run or checkpoint folder")
+        raise InputError(f"{path}: no such run or checkpoint folder")
     if not path.is_dir():
-        raise ConfigError(f"{path} is a file: give a run folder (RUN_DIR, its latest checkpoint is exported) "
+        raise InputError(f"{path} is a file: give a run folder (RUN_DIR, its latest checkpoint is exported) "
                           "or a checkpoint folder (RUN_DIR/checkpoints/step_N)")
     if not (path / TRAINER_STATE).is_file():
-        raise ConfigError(f"{path}: neither a checkpoint folder (no {TRAINER_STATE}) nor a run folder with a "
+        raise InputError(f"{path}: neither a checkpoint folder (no {TRAINER_STATE}) nor a run folder with a "
                           f"complete checkpoint (no checkpoints/{LATEST}): train it first, or name a checkpoint")

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from common.config_loader import ConfigError, flat_fields, to_dict
+from common.config_loader import flat_fields, to_dict
+from common.errors import ConfigError, InputError
 from common.shard_folder import read_manifest
 from train.config import TrainConfig
 
@@ -24,14 +25,14 @@ SHARDS_HINT = "build it with `make shards` (python -m pipeline demo --out DIR, o
 # choice), data.accum_freq (feature caching keeps the gradient of the whole batch), zero.stage and the
 # world size (elastic resume), data.num_workers/cache_*/retries/storage_options, model.config_file (its
 # stem is model.name, compared), checkpoint.*, logging.*, run.device/run_dir/stop_after_steps.
-RESUME_KEYS = ("model.", "loss.", "optim.", "data.path", "data.split", "data.global_batch_size", "data.partitions",
+RESUME_KEYS = ("model.", "loss.", "optim.", "data.path", "data.split", "data.global_batch_size", "data.streams",
                "data.shuffle_window", "run.seed", "zero.precision", "zero.bf16_mode")
 RESUME_FREE = ("optim.steps", "optim.max_nonfinite_steps", "optim.fused_adamw", "model.config_file")
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> Optional[dict]:
     """Raise ConfigError for the first problem found: batch vs world size, dataset folder, split,
-    global batch vs split size, data.partitions vs world size, run.run_dir, run.resume (and, for
+    global batch vs split size, data.streams vs world size, run.run_dir, run.resume (and, for
     run.resume=latest, a changed run-defining key), model.name, model.pretrained.
 
     Returns {step, message} when run.resume=latest finds this run already finished (nothing to do), else None."""
@@ -51,9 +52,9 @@ def check_run_dir(cfg: TrainConfig) -> None:
     for parent in [path, *path.parents]:
         if parent.exists():
             if not parent.is_dir():
-                raise ConfigError(f"run.run_dir={cfg.run.run_dir}: {parent} is a file, not a folder")
+                raise InputError(f"run.run_dir={cfg.run.run_dir}: {parent} is a file, not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(f"run.run_dir={cfg.run.run_dir}: {parent} is not writable")
+                raise InputError(f"run.run_dir={cfg.run.run_dir}: {parent} is not writable")
             return
 
 
@@ -65,11 +66,11 @@ def check_dataset(cfg: TrainConfig, world_size: int) -> None:
         manifest = read_manifest(data.path, dict(data.storage_options or {}))
     except FileNotFoundError:
         if "://" in data.path or data.path.startswith("pipe:"):
-            raise ConfigError(f"data.path={data.path}: no manifest.json there (not a finished dataset folder)") from None
+            raise InputError(f"data.path={data.path}: no manifest.json there (not a finished dataset folder)") from None
         what = "does not exist" if not Path(data.path).exists() else "has no manifest.json (not a finished dataset)"
-        raise ConfigError(f"data.path={data.path} {what}: {SHARDS_HINT}") from None
+        raise InputError(f"data.path={data.path} {what}: {SHARDS_HINT}") from None
     except (ValueError, KeyError, OSError) as err:  # unreadable or foreign manifest.json, unreachable store
-        raise ConfigError(f"data.path={data.path}: cannot read its manifest ({' '.join(str(err).split())})") from None
+        raise InputError(f"data.path={data.path}: cannot read its manifest ({' '.join(str(err).split())})") from None
     splits = [data.split] + ([cfg.logging.eval_split] if cfg.logging.eval_every_steps else [])
     for key, split in zip(("data.split", "logging.eval_split"), splits):
         if split not in manifest.splits:
@@ -92,7 +93,7 @@ def check_resume(cfg: TrainConfig) -> Optional[dict]:
         try:
             complete_checkpoint(cfg.run.resume)
         except FileNotFoundError as err:
-            raise ConfigError(str(err)) from None
+            raise InputError(str(err)) from None
         return None
     latest = latest_checkpoint(cfg.run.run_dir)
     if latest is None:
@@ -100,7 +101,7 @@ def check_resume(cfg: TrainConfig) -> Optional[dict]:
     try:
         saved = CheckpointManager.load_trainer_state(latest)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
-        raise ConfigError(f"run.resume=latest: {latest} is unreadable ({' '.join(str(err).split())[:200]}); "
+        raise InputError(f"run.resume=latest: {latest} is unreadable ({' '.join(str(err).split())[:200]}); "
                           "use a new run.run_dir, or run.resume=none to start over in this one") from None
     changed = changed_run_keys(saved.get("config", {}), to_dict(cfg))
     if changed:
@@ -118,6 +119,8 @@ def check_resume(cfg: TrainConfig) -> Optional[dict]:
 def changed_run_keys(saved: dict, current: dict) -> list:
     """'key: old -> new' for every run-defining key (RESUME_KEYS) whose value differs from the saved config."""
     old, new = flat_fields(saved), flat_fields(current)
+    # A checkpoint written before a key was renamed holds the old name: compare it under the new one.
+    old.update({renamed: old.pop(key) for key, renamed in TrainConfig.RENAMED.items() if key in old})
     defining = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_KEYS)  # noqa: E731
     keys = [k for k in new if k in old and k not in RESUME_FREE and defining(k)]
     return [f"{k}: {old[k]} -> {new[k]}" for k in keys if old[k] != new[k]]
@@ -146,7 +149,7 @@ def check_pretrained(cfg: TrainConfig) -> None:
             run_dir = Path(weights).parent.parent
             hint = (f": train it first (make pretrain writes runs/pretrain_cyclip/export/model.pt), or export a "
                     f"checkpoint with python -m train.export {run_dir}")
-        raise ConfigError(f"model.pretrained={weights}: no such file{hint}")
+        raise InputError(f"model.pretrained={weights}: no such file{hint}")
     if weights and os.path.isfile(weights):
         check_weights_file(weights)
     elif weights:
@@ -176,7 +179,7 @@ def check_weights_file(weights: str) -> None:
                     raise
                 state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - whatever the file is, it is not weights torch can load
-        raise ConfigError(f"model.pretrained={weights}: not a weights file torch can load "
+        raise InputError(f"model.pretrained={weights}: not a weights file torch can load "
                           f"({type(err).__name__}: {' '.join(str(err).split())[:150]})") from None
     if not isinstance(state, dict) or not state:
-        raise ConfigError(f"model.pretrained={weights}: holds a {type(state).__name__}, not a state dict")
+        raise InputError(f"model.pretrained={weights}: holds a {type(state).__name__}, not a state dict")

@@ -57,7 +57,7 @@ def make_order(manifest: "Manifest", data: "DataConfig", seed: int) -> "ShardOrd
     """The order of ``data.split`` of ``manifest`` for the run seed and the DataConfig's global batch,
     partitions (0 = auto_partitions) and shuffle window: the one place that reads those fields."""
     sizes = [s.num_samples for s in manifest.split(data.split).shards]
-    partitions = data.partitions or auto_partitions(len(sizes), data.global_batch_size)
+    partitions = data.streams or auto_partitions(len(sizes), data.global_batch_size)
     return ShardOrder(sizes, data.global_batch_size, partitions, data.shuffle_window, seed)
 
 
@@ -67,7 +67,7 @@ class ShardOrder:
     def __init__(self, shard_sizes: Sequence[int], global_batch: int, partitions: int, window: int, seed: int):
         sizes = np.asarray(shard_sizes, dtype=np.int64)
         if partitions < 1 or global_batch % partitions:
-            raise ValueError(f"data.partitions={partitions} must divide data.global_batch_size={global_batch}")
+            raise ValueError(f"data.streams={partitions} must divide data.global_batch_size={global_batch}")
         if window < 1:
             raise ValueError(f"data.shuffle_window must be >= 1, got {window}")
         self.sizes, self.partitions, self.window, self.seed = sizes, partitions, window, seed
@@ -139,12 +139,12 @@ class ShardOrder:
         if changed:
             raise ValueError("the checkpoint was trained on another sample order (saved -> now): " +
                              ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) +
-                             "; resume with the same dataset, data.partitions, data.shuffle_window and batch")
+                             "; resume with the same dataset, data.streams, data.shuffle_window and batch")
 
     def rank_streams(self, rank: int, world_size: int) -> range:
         if self.partitions % world_size:
-            raise ValueError(f"{world_size} ranks cannot share data.partitions={self.partitions} streams: the "
-                             "world size must divide it (set data.partitions to a multiple of it; it must then "
+            raise ValueError(f"{world_size} ranks cannot share data.streams={self.partitions} streams: the "
+                             "world size must divide it (set data.streams to a multiple of it; it must then "
                              "stay fixed for the whole run)")
         per = self.partitions // world_size
         return range(rank * per, (rank + 1) * per)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from common.config_loader import ConfigError, load_config
+from common.cli import run_entry_point
+from common.config_loader import load_config
 from common.shard_folder import read_manifest
 from train.data.shard_source import is_remote
 
@@ -27,7 +28,6 @@ from .core import evaluate
 from .data import load_model
 from .report import write_eval_outputs
 
-EXIT_USER_ERROR = 2
 
 
 def pick_device(name: str) -> str:
@@ -74,21 +74,13 @@ def main_evaluate(argv) -> int:
     parser.add_argument("--config", default=None, help="YAML file of EvalConfig fields")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of EvalConfig fields")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(EvalConfig, args.config, args.overrides)
-        check_inputs(cfg)    # load_model checks the checkpoint before it builds anything
-        model, eval_transform, tokenizer, run_dir = load_model(args.checkpoint, cfg.model_name, cfg.model_config,
-                                                               pick_device(cfg.device))
-    except (ConfigError, EvalInputError) as err:
-        kind = "config error" if isinstance(err, ConfigError) else "error"
-        print(f"{kind}: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    check_inputs(cfg)    # load_model checks the checkpoint before it builds anything
+    model, eval_transform, tokenizer, run_dir = load_model(args.checkpoint, cfg.model_name, cfg.model_config,
+                                                           pick_device(cfg.device))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else (run_dir / "eval" if run_dir else Path("eval"))
-    try:
-        results = evaluate(model, eval_transform, tokenizer, cfg, progress=lambda msg: print(msg, flush=True))
-    except EvalInputError as err:    # a shard that vanished or is damaged (found while reading it)
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    # A shard that vanishes or is damaged while it is read is an EvalInputError too: one line, exit 2.
+    results = evaluate(model, eval_transform, tokenizer, cfg, progress=lambda msg: print(msg, flush=True))
     results["model"]["checkpoint"] = str(args.checkpoint)
     title = f"Evaluation of {run_dir.name if run_dir else Path(args.checkpoint).name}"
     for path in write_eval_outputs(results, out_dir, run_dir, title):
@@ -104,18 +96,21 @@ def main_compare(argv) -> int:
     args = parser.parse_args(argv)
     try:
         compare(args.runs, args.out)
-    except (EvalInputError, OSError) as err:    # OSError: --out not writable
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except OSError as err:    # --out not writable
+        raise EvalInputError(f"--out {args.out}: {err}") from None
     print(f"wrote {args.out}/compare.md, compare.json, metric_bars.png")
     return 0
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _dispatch(argv) -> int:
     if argv[:1] == ["compare"]:
         return main_compare(argv[1:])
     return main_evaluate(argv)
+
+
+def main(argv=None) -> int:
+    """`python -m train.evaluate ...`; a user error is one line and exit 2 (common/cli.py)."""
+    return run_entry_point(_dispatch, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

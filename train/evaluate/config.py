@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import ClassVar, Dict, List
+
+from common.errors import ConfigError, InputError
+from common.validation import Choice, Range, Rule, check_bounds
 
 from .corruptions import CORRUPTIONS, SEVERITIES
 
@@ -20,7 +23,7 @@ DEFAULT_TEMPLATES = [
 ]
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputError):
     """A user mistake in what `python -m train.evaluate` was pointed at (printed as one line, exit 2)."""
 
 
@@ -74,20 +77,20 @@ class EvalConfig:
     out_dir: str = ""
     """Where eval.json, eval.md and the plots go (empty = RUN_DIR/eval, or ./eval for a checkpoint file)."""
 
+    BOUNDS: ClassVar[Dict[str, Rule]] = {
+        "max_samples": Range(low=0), "retrieval_relevance": Choice(("caption", "instance", "label")),
+        "reference_max_samples": Range(low=0), "consistency_ks": Range(low=1), "severities": Range(low=1, high=3),
+        "logit_scale": Range(low=0), "ece_bins": Range(low=1), "batch_size": Range(low=1),
+    }
+    """Every field's rule, written once (common/validation.py; NaN/±inf are refused for every number)."""
+
     def validate(self) -> None:
+        """ConfigError (one line naming the key) for a value outside its rule."""
+        check_bounds(self, self.BOUNDS)
         unknown = sorted(set(self.corruptions) - set(CORRUPTIONS))
         if unknown:
-            raise ValueError(f"corruptions: unknown {unknown} (known: {sorted(CORRUPTIONS)})")
-        if set(self.severities) - set(SEVERITIES):
-            raise ValueError(f"severities must be within {SEVERITIES}, got {self.severities}")
-        if self.retrieval_relevance not in ("caption", "instance", "label"):
-            raise ValueError(f"retrieval_relevance must be caption, instance or label, "
-                             f"got '{self.retrieval_relevance}'")
+            raise ConfigError(f"corruptions: unknown {unknown} (known: {sorted(CORRUPTIONS)})")
         if any("{}" not in t for t in self.templates):
-            raise ValueError("every template needs a '{}' for the class name")
-        if not self.consistency_ks or min(self.consistency_ks) < 1 or self.reference_max_samples < 0:
-            raise ValueError("consistency_ks must be non-empty and ≥ 1, reference_max_samples ≥ 0")
-        if self.logit_scale < 0:
-            raise ValueError(f"logit_scale must be ≥ 0 (0 = the model's), got {self.logit_scale}")
-        if self.ece_bins < 1 or self.batch_size < 1 or self.max_samples < 0:
-            raise ValueError("ece_bins and batch_size must be ≥ 1 and max_samples ≥ 0")
+            raise ConfigError("templates: every template needs a '{}' for the class name")
+        if not self.consistency_ks:
+            raise ConfigError("consistency_ks must name at least one k")

@@ -34,11 +34,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import submitit
 from submitit.core.job_environment import SignalHandler
 
+from common.cli import run_entry_point
 from common.config_loader import ConfigError
 from common.jobs import EXIT_REQUEUE, LAUNCHER_VARS, resume_overrides  # torch-free: submitting stays light
 
 TRAINER_ENTRY = "train.core.trainer:main"
-EXIT_USER_ERROR = 2    # as `python -m train`: a config mistake, nothing submitted
 
 
 def _resolve(entry: str) -> Callable[[list[str]], Any]:
@@ -287,18 +287,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                   partition=args.partition, time=args.time, folder=args.folder, cpus_per_task=args.cpus_per_task,
                   tasks_per_node=args.tasks_per_node, signal_delay_s=args.signal_delay_s, entry=args.entry,
                   preflight=not args.no_preflight)
-    try:    # a config mistake ends here in one line, before anything reaches sbatch
-        if args.nodes < 1 or (args.tasks_per_node is not None and args.tasks_per_node < 1) or args.gpus_per_node < 0:
-            raise ConfigError(f"--nodes and --tasks-per-node must be >= 1 and --gpus-per-node >= 0, got "
-                              f"{args.nodes}, {args.tasks_per_node}, {args.gpus_per_node}")
-        if args.sweep:
-            jobs = sweep(args.config, _parse_sweep(args.sweep), args.overrides,
-                         job_name=args.job_name or "clip-sweep", **common)
-        else:
-            jobs = [submit(args.config, args.overrides, job_name=args.job_name or "clip-train", **common)]
-    except ConfigError as err:
-        print(f"config error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    # A config mistake ends in one line (common/cli.py), before anything reaches sbatch.
+    return run_entry_point(lambda _: _submit_from_args(args, common))
+
+
+def _submit_from_args(args: argparse.Namespace, common: dict) -> int:
+    if args.nodes < 1 or (args.tasks_per_node is not None and args.tasks_per_node < 1) or args.gpus_per_node < 0:
+        raise ConfigError(f"--nodes and --tasks-per-node must be >= 1 and --gpus-per-node >= 0, got "
+                          f"{args.nodes}, {args.tasks_per_node}, {args.gpus_per_node}")
+    if args.sweep:
+        jobs = sweep(args.config, _parse_sweep(args.sweep), args.overrides,
+                     job_name=args.job_name or "clip-sweep", **common)
+    else:
+        jobs = [submit(args.config, args.overrides, job_name=args.job_name or "clip-train", **common)]
     for job in jobs:
         print(f"submitted {job.job_id} (logs: {job.paths.stdout})", flush=True)
     if args.wait:

@@ -36,11 +36,12 @@ def train_once(args: list[str], cwd: Path, env: dict | None = None) -> subproces
                           timeout=120, env=dict(clean, PYTHONPATH=str(ROOT), **(env or {})))
 
 
-def assert_one_line(done: subprocess.CompletedProcess, *must_contain: str) -> None:
+def assert_one_line(done: subprocess.CompletedProcess, *must_contain: str, label: str = "config error") -> None:
+    """One stderr line ``{label}: ...`` (common/cli.py): "config error" for a value, "error" for a path."""
     assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr[-3000:]
-    assert lines[0].startswith("config error: "), lines[0]
+    assert lines[0].startswith(f"{label}: "), lines[0]
     for text in must_contain:
         assert text in lines[0], lines[0]
     assert done.returncode == 2, (done.returncode, lines[0])
@@ -61,7 +62,7 @@ CASES = {
     "missing split": (["data.split=training"], ["data.split=training", "has: train, val"]),
     "missing eval split": (["logging.eval_every_steps=2", "logging.eval_split=test"], ["logging.eval_split=test"]),
     "global batch larger than the split": (["data.global_batch_size=256"], ["128 samples", "256"]),
-    "partitions not dividing the batch": (["data.partitions=3"], ["data.partitions=3", "data.global_batch_size=16"]),
+    "partitions not dividing the batch": (["data.streams=3"], ["data.streams=3", "data.global_batch_size=16"]),
     "missing resume checkpoint": (["run.resume={tmp}/runs/x/checkpoints/step_00000004"],
                                   ["run.resume={tmp}/runs/x/checkpoints/step_00000004", "no such checkpoint"]),
     "resume folder that is not a checkpoint": (["run.resume={tmp}"], ["run.resume={tmp}", "not a complete checkpoint"]),
@@ -77,6 +78,10 @@ CASES = {
     "run dir below a file": ([f"run.run_dir={ROOT / 'README.md'}/run"], ["run.run_dir=", "is a file"]),
     "resume value none is fresh, lr not": (["run.resume=none", "optim.lr=-1"], ["optim.lr must be > 0, got -1.0"]),
 }
+# A path the user gave that cannot be used is an InputError ("error: ..."), not a config error.
+PATH_CASES = {"missing dataset folder", "folder without manifest", "missing resume checkpoint",
+              "resume folder that is not a checkpoint", "missing pretrained export",
+              "pretrained file that is not weights", "run dir that is a file", "run dir below a file"}
 # Every numeric bound of train/config.py: (key=value, the message). The reference is the bound the test states.
 BOUNDS = [
     ("checkpoint.every_steps=0", "checkpoint.every_steps must be >= 1, got 0"),
@@ -87,20 +92,20 @@ BOUNDS = [
     ("optim.steps=-5", "optim.steps must be >= 1, got -5"),
     ("data.accum_freq=0", "data.accum_freq must be >= 1, got 0"),
     ("data.shuffle_window=0", "data.shuffle_window must be >= 1, got 0"),
-    ("data.partitions=-2", "data.partitions must be >= 0, got -2"),
+    ("data.streams=-2", "data.streams must be >= 0, got -2"),
     ("data.cache_limit_gb=0", "data.cache_limit_gb must be > 0, got 0.0"),
     ("data.retries=-1", "data.retries must be >= 0, got -1"),
     ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0, got -1"),
     ("optim.min_lr=1", "optim.min_lr=1.0 must be <= optim.lr="),
     ("optim.eps=0", "optim.eps must be > 0, got 0.0"),
-    ("optim.beta1=1", "optim.beta1 must be in [0, 1), got 1.0"),
+    ("optim.beta1=1", "optim.beta1 must be >= 0 and < 1, got 1.0"),
     ("optim.grad_clip=-1", "optim.grad_clip must be >= 0, got -1.0"),
     ("optim.max_nonfinite_steps=0", "optim.max_nonfinite_steps must be >= 1, got 0"),
     ("checkpoint.keep_last=-1", "checkpoint.keep_last must be >= 0, got -1"),
     ("logging.eval_every_steps=-1", "logging.eval_every_steps must be >= 0, got -1"),
     ("run.stop_after_steps=-1", "run.stop_after_steps must be >= 0, got -1"),
     ("model.force_image_size=0", "model.force_image_size must be >= 1, got 0"),
-    ("model.aug_scale_min=0", "model.aug_scale_min must be in (0, 1], got 0.0"),
+    ("model.aug_scale_min=0", "model.aug_scale_min must be > 0 and <= 1, got 0.0"),
     ("zero.reduce_bucket_size=0", "zero.reduce_bucket_size must be >= 1, got 0"),
 ]
 
@@ -121,7 +126,7 @@ def test_user_error_is_one_line_and_exit_2(digits, tmp_path, case):
     extra, expected = CASES[case]
     fill = lambda items: [item.replace("{tmp}", str(tmp_path)) for item in items]  # noqa: E731
     done = train_once(base(digits, tmp_path / "run") + fill(extra), cwd=tmp_path)
-    assert_one_line(done, *fill(expected))
+    assert_one_line(done, *fill(expected), label="error" if case in PATH_CASES else "config error")
     assert not (tmp_path / "run").exists()  # nothing started: no run folder was made
 
 
@@ -133,7 +138,7 @@ def test_missing_config_file(tmp_path):
 def test_default_data_path_on_a_fresh_clone_names_make_shards(tmp_path):
     """The shipped config from a folder without data/fmnist (a fresh clone's state)."""
     done = train_once(["--config", PRETRAIN], cwd=tmp_path)
-    assert_one_line(done, "data.path=data/fmnist does not exist", "make shards")
+    assert_one_line(done, "data.path=data/fmnist does not exist", "make shards", label="error")
 
 
 def test_dry_run_checks_for_the_given_world_size(digits, tmp_path):
@@ -141,7 +146,7 @@ def test_dry_run_checks_for_the_given_world_size(digits, tmp_path):
     ok = train_once(base(digits, tmp_path / "run") + ["--dry-run", "--world-size", "4"], cwd=tmp_path)
     assert ok.returncode == 0 and "Traceback" not in ok.stderr, ok.stderr[-3000:]
     bad = train_once(base(digits, tmp_path / "run") + ["--dry-run", "--world-size", "8"], cwd=tmp_path)
-    assert_one_line(bad, "8 ranks cannot share data.partitions=4 streams")
+    assert_one_line(bad, "8 ranks cannot share data.streams=4 streams")
 
 
 def test_make_pretrain_without_shards_says_which_command_to_run(tmp_path):
@@ -152,19 +157,19 @@ def test_make_pretrain_without_shards_says_which_command_to_run(tmp_path):
     # make's own "make[N]: *** ... Error 2" line aside (N > 0 under `make test`)
     lines = [line for line in done.stderr.splitlines()
              if line.strip() and not re.match(r"make(\[\d+\])?: \*\*\*", line)]
-    assert lines == [f"config error: data.path={tmp_path}/fmnist does not exist: build it with `make shards` "
+    assert lines == [f"error: data.path={tmp_path}/fmnist does not exist: build it with `make shards` "
                      "(python -m pipeline demo --out DIR, or python -m pipeline run)"], done.stderr
     assert done.returncode != 0
 
 
 def test_two_rank_torchrun_prints_the_error_once_from_rank_0(digits, tmp_path):
-    """data.partitions=1 cannot be shared by 2 ranks. torchrun keeps each rank's output in its log dir:
+    """data.streams=1 cannot be shared by 2 ranks. torchrun keeps each rank's output in its log dir:
     rank 0's stderr is the one line, rank 1's is empty, no rank shows a traceback, and no rank started
     the trainer (torchrun then adds its own failure report; that part is torchrun's)."""
     logs = tmp_path / "logs"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--log-dir", str(logs),
-           "--redirects", "3", "-m", "train", *base(digits, tmp_path / "run"), "data.partitions=1"]
+           "--redirects", "3", "-m", "train", *base(digits, tmp_path / "run"), "data.streams=1"]
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
                           env=dict(clean, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
@@ -176,7 +181,7 @@ def test_two_rank_torchrun_prints_the_error_once_from_rank_0(digits, tmp_path):
     assert stderr[1].strip() == ""
     lines = [line for line in stderr[0].splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("config error: ") and "2 ranks cannot share" in lines[0] \
-        and "data.partitions=1" in lines[0], stderr[0]
+        and "data.streams=1" in lines[0], stderr[0]
     assert "exitcode  : 2" in done.stderr  # torchrun's report: every rank exited with the user-error code
     assert not (tmp_path / "run").exists()
 

@@ -55,7 +55,7 @@ def write_dataset(folder: Path, members: list[dict], image_field: str = "jpg") -
 
 def trainer_images(folder: Path, cache: Path) -> tuple[list[str], np.ndarray, int]:
     """Keys, RGB pixels (N, H, W, 3) and skipped count of one global batch of all N samples, through the loader."""
-    cfg = DataConfig(path=str(folder), global_batch_size=N, num_workers=0, partitions=1, shuffle_window=1,
+    cfg = DataConfig(path=str(folder), global_batch_size=N, num_workers=0, streams=1, shuffle_window=1,
                      cache_dir=str(cache))
     as_array = lambda img: torch.from_numpy(np.array(img))    # noqa: E731 (the "transform": pixels as they are)
     tokens = lambda texts: torch.tensor([[len(texts[0])]])    # noqa: E731

@@ -36,7 +36,7 @@ def tiny():
 
 
 def batches(folder, tiny, rank=0, world=1, start=0, end=9, workers=0, batch=16, partitions=4, window=2, seed=7):
-    cfg = DataConfig(path=str(folder), global_batch_size=batch, num_workers=workers, partitions=partitions,
+    cfg = DataConfig(path=str(folder), global_batch_size=batch, num_workers=workers, streams=partitions,
                      shuffle_window=window, cache_dir=str(Path(folder).parent / "cache"))
     return list(data_lib.build_loader(cfg, rank, world, seed, start, end, *tiny))
 

@@ -53,7 +53,7 @@ def tiny():
 
 
 def load(path, tiny, cache_dir="", workers=0, end=6, **options):
-    cfg = DataConfig(path=str(path), global_batch_size=16, num_workers=workers, partitions=2, shuffle_window=2,
+    cfg = DataConfig(path=str(path), global_batch_size=16, num_workers=workers, streams=2, shuffle_window=2,
                      cache_dir=str(cache_dir), retries=1, retry_backoff_s=0.01, **options)
     return list(data_lib.build_loader(cfg, 0, 1, 3, 0, end, *tiny))
 

@@ -6,7 +6,9 @@ configs/finetune_*.yaml) plus the overrides below, so the demo runs exactly what
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import ClassVar, Dict, List
+
+from common.validation import Range, Rule, check_bounds
 
 
 @dataclass
@@ -37,3 +39,15 @@ class DemoConfig:
     """--tune: pretraining learning rates tried (CLIP loss, seed of the first entry of ``seeds``)."""
     tune_finetune_lr: List[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
     """--tune: plain fine-tuning learning rates tried, from the best pretraining of the sweep."""
+
+    BOUNDS: ClassVar[Dict[str, Rule]] = {
+        "train_per_class": Range(low=1), "test_per_class": Range(low=1), "seeds": Range(low=0),
+        "ranks": Range(low=1), "eval_max_samples": Range(low=0), "eval_reference_samples": Range(low=0),
+        "eval_batch_size": Range(low=1), "tune_pretrain_lr": Range(low=0, low_open=True),
+        "tune_finetune_lr": Range(low=0, low_open=True),
+    }
+    """Every field's rule, written once (common/validation.py; NaN/±inf are refused for every number)."""
+
+    def validate(self) -> None:
+        """ConfigError (one line naming the key) for a value outside its rule."""
+        check_bounds(self, self.BOUNDS)

@@ -143,7 +143,8 @@ def worker(plan_file: str) -> int:
     """Inside torchrun: every run of the plan in turn, with a barrier so exports exist before use."""
     import torch.distributed as dist
 
-    from train.core.trainer import EXIT_OK, main
+    from common.errors import EXIT_OK
+    from train.core.trainer import main
 
     plan = json.loads(Path(plan_file).read_text())
     for i, item in enumerate(plan):
@@ -294,4 +295,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":    # `python -m train.experiments.demo.run` as well as the package's __main__
-    sys.exit(main())
+    from common.cli import run_entry_point
+
+    sys.exit(run_entry_point(main, sys.argv[1:]))

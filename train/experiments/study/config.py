@@ -9,8 +9,9 @@ kernel) is the trainer's default, so changing that default changes the study too
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import ClassVar, Dict, List
 
+from common.validation import Range, Rule, check_bounds
 from train.config import LossConfig, OptimConfig
 
 
@@ -68,6 +69,21 @@ class StudyConfig:
     """α of λ ~ Beta(α, α) for m²-Mix (the reference's 0.5)."""
     grad_share_sizes: List[int] = field(default_factory=lambda: [64, 512, 4096, 32768])
     """Global batches at which the regularisers' gradient share is measured on real features."""
+
+    BOUNDS: ClassVar[Dict[str, Rule]] = {
+        **{k: Range(low=1) for k in ("threads", "pretrain_size", "val_size", "finetune_size", "test_size",
+                                     "reference_size", "pretrain_steps", "pretrain_batch", "cyclip_reference_batch",
+                                     "finetune_steps", "finetune_batch", "grad_share_sizes")},
+        "seeds": Range(low=0), "pretrain_warmup": Range(low=0), "finetune_warmup": Range(low=0),
+        **{k: Range(low=0) for k in ("pretrain_weight_decay", "finetune_weight_decay", "cyclip_lambdas", "m2mix_weights")},
+        **{k: Range(low=0, low_open=True) for k in ("pretrain_lrs", "finetune_lrs", "finetune_clip_scale",
+                                                    "m2mix_logit_scale", "m2mix_alpha")},
+    }
+    """Every field's rule, written once (common/validation.py; NaN/±inf are refused for every number)."""
+
+    def validate(self) -> None:
+        """ConfigError (one line naming the key) for a value outside its rule."""
+        check_bounds(self, self.BOUNDS)
 
     def pretrain_optim(self, lr: float) -> OptimConfig:
         """One pretraining run's optimizer and schedule (the trainer's defaults for everything not set here)."""
