@@ -67,6 +67,28 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class SaveSchedule:
+    """When the trainer writes a checkpoint: every ``every_steps`` steps before the end, on an agreed stop,
+    and at the end; never twice at one step (a stop right after a periodic save, or a run resumed at its
+    checkpoint's step, writes nothing new).
+
+    ``saved_at``: the step of the newest checkpoint this run holds (the resume step), or None (fresh)."""
+
+    def __init__(self, every_steps: int, total_steps: int, saved_at: Optional[int] = None):
+        self.every_steps, self.total_steps, self.saved_at = every_steps, total_steps, saved_at
+
+    def periodic(self, step: int) -> bool:
+        """A periodic save is due after optimizer step ``step`` (the final one is ``final``'s)."""
+        return step % self.every_steps == 0 and step < self.total_steps and step != self.saved_at
+
+    def final(self, step: int) -> bool:
+        """A save is needed on a stop or at the end, unless one exists for ``step`` already."""
+        return step != self.saved_at
+
+    def saved(self, step: int) -> None:
+        self.saved_at = step
+
+
 class CheckpointManager:
     """Saves and loads the DeepSpeed engine plus named components (see the module docstring)."""
 

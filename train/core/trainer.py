@@ -6,40 +6,40 @@ from ``cfg.loss`` through ``ContrastiveObjective``, so nothing here branches per
 Lifecycle (after torchtitan's trainer): ``Trainer(cfg)`` builds the engine and registers every stateful
 component once with the ``CheckpointManager``, which saves and loads them all; ``fit()`` runs the loop;
 ``close()`` (called by ``main``'s ``finally``, on any exit) stops loader workers and closes the writers.
-One step is ``forward_backward_step`` (gradients only) then ``optimizer_step`` (the update).
+One step is ``forward_backward_step`` (gradients only: train/core/step.py) then ``optimizer_step`` (the
+update). The decisions are asked of small objects, not made here: skip or abort on a non-finite loss
+(``NonFinitePolicy``), stop on a signal (``StopPolicy``), agree across ranks (``RankAgreement``), save now
+(``SaveSchedule``); the schedule, the engine and the step's math have their own modules.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
-import signal
 import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from common.config_loader import load_config, to_dict, to_yaml
-from common.jobs import EXIT_REQUEUE
-from train.core.checkpoint import CheckpointManager, to_universal
+from common.errors import EXIT_OK, EXIT_REQUEUE
 from train.config import TrainConfig
+from train.core.checkpoint import CheckpointManager, SaveSchedule, to_universal
 from train.core.distributed import discover_launcher_env, init_distributed_from_env
-from train.core.export import export_engine
-from train.losses.objective import ContrastiveObjective
-from train.model.build import build_model
 from train.core.engine import build_optimizer, deepspeed_config, keep_freed_memory, pick_device, uses_bf16
-from train.core.schedule import cosine_lr
-from train.core.step import ContrastiveStep, set_lr
+from train.core.export import export_engine
+from train.core.policies import NonFinitePolicy, RankAgreement, StopPolicy
 from train.core.preflight import preflight
 from train.core.run_log import MetricsWriter, SampleKeysWriter
+from train.core.schedule import cosine_lr
 from train.core.state import RNGState, StatefulLoader, TrainProgress
+from train.core.step import ContrastiveStep, set_lr
+from train.losses.objective import ContrastiveObjective
+from train.model.build import build_model
 
 log = logging.getLogger("train")
-EXIT_OK = 0
-# EXIT_REQUEUE (common.jobs): the exit code after a checkpoint on SIGUSR1/SIGTERM (or run.stop_after_steps).
 
 
 class Trainer:
@@ -72,10 +72,13 @@ class Trainer:
         model, self.train_transform, self.eval_transform, self.tokenizer = build_model(cfg.model, self.device)
         self.engine = self._build_engine(model, universal)
         self.objective = ContrastiveObjective(cfg.loss, cfg.run.seed)
+        self.agree = RankAgreement(self.device, self.world_size)
+        self.nonfinite = NonFinitePolicy(cfg.optim.max_nonfinite_steps)
+        self.stop = StopPolicy(cfg.run.stop_after_steps)
         self.step_fn = ContrastiveStep(
             self.engine, self.objective, cfg.optim.max_logit_scale, cfg.data.accum_freq,
             backward=lambda loss: self.engine.backward(loss, scale_wrt_gas=False),
-            set_boundary=self.engine.set_gradient_accumulation_boundary, all_finite=self._all_finite)
+            set_boundary=self.engine.set_gradient_accumulation_boundary, all_finite=self.agree.all_finite)
         self.progress = TrainProgress()
         self.loader = StatefulLoader(cfg.data, self.rank, self.world_size, cfg.run.seed, cfg.optim.steps,
                                      self.train_transform, self.tokenizer)
@@ -88,8 +91,10 @@ class Trainer:
             self.checkpoints.load(resume_from)
             if self.rank == 0:
                 log.info("resumed from %s at step %d", resume_from, self.progress.step)
-        self._stop_signal = False
-        self._pending_skipped = 0  # corrupt samples replaced on this rank since the last log line
+        # A run resumed from a checkpoint already holds one at its current step.
+        self.saves = SaveSchedule(cfg.checkpoint.every_steps, cfg.optim.steps,
+                                  self.progress.step if resume_from is not None else None)
+        self.pending_skipped = 0  # corrupt samples replaced on this rank since the last log line
         self.metrics = self.keys_file = None
         if self.rank == 0:
             self.metrics = MetricsWriter(self.run_dir, self.progress.step, cfg.logging.tensorboard)
@@ -135,14 +140,6 @@ class Trainer:
         set_lr(self.engine.optimizer, lr)
         self.engine.step()
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        # Every tensor a collective touches lives on the trainer's device: NCCL (DeepSpeed's backend on
-        # CUDA) rejects CPU tensors. isfinite stays on the device too (no host sync before the reduce).
-        bad = (~torch.isfinite(loss.detach().float())).float().reshape(1).to(self.device)
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank must agree to skip, or collectives hang
-        return bad.item() == 0.0
-
     def train_step(self, batch: dict) -> Optional[dict]:
         """forward_backward_step, then optimizer_step unless the loss was not finite (the step is skipped)."""
         lr = cosine_lr(self.progress.step, self.cfg.optim)
@@ -155,17 +152,9 @@ class Trainer:
         progress = self.progress
         progress.step += 1
         progress.samples_seen += self.cfg.data.global_batch_size
-        if terms is None:
-            progress.nonfinite_total += 1
-            progress.nonfinite_in_row += 1
-            log.warning("step %d: non-finite loss, step skipped (%d in a row)", progress.step, progress.nonfinite_in_row)
-            if progress.nonfinite_in_row >= self.cfg.optim.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{progress.nonfinite_in_row} consecutive steps had a NaN/inf loss (last at step {progress.step}); "
-                    "aborting. Lower optim.lr, check the data, or resume from an earlier checkpoint.")
-            return None
-        progress.nonfinite_in_row = 0
-        terms["lr"] = torch.tensor(lr, device=self.device)
+        self.nonfinite.record(progress, finite=terms is not None)    # raises after too many in a row
+        if terms is not None:
+            terms["lr"] = torch.tensor(lr, device=self.device)
         return terms
 
     def evaluate(self) -> dict:
@@ -177,30 +166,13 @@ class Trainer:
         return {f"eval/{name}": float(value) for name, value in results.items()}
 
     # ---------------------------------------------------------------- loop
-    def _request_stop(self, signum, _frame) -> None:
-        log.warning("signal %d: will checkpoint and exit with %d at the next step boundary", signum, EXIT_REQUEUE)
-        self._stop_signal = True
-
-    def _stop_agreed(self, steps_this_process: int) -> bool:
-        limit = self.cfg.run.stop_after_steps
-        flag = torch.tensor([1.0 if self._stop_signal or (limit and steps_this_process >= limit) else 0.0],
-                            device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a signal to any rank stops all of them together
-        return flag.item() > 0
-
     def _log(self, terms: dict, wait_s: float, step_s: float) -> dict:
-        names = sorted(terms)
-        values = torch.stack([terms[n].float().reshape(()).to(self.device) for n in names]
-                             + [torch.tensor(float(self._pending_skipped), device=self.device)])
-        self._pending_skipped = 0
-        if dist.is_initialized():
-            dist.all_reduce(values)
-            values /= self.world_size  # row-wise loss terms are rank shares that average to the global value
-        values = values.tolist()  # one device-to-host copy for all terms
-        record = dict(zip(names, values[:-1]))
+        """The step's record: loss terms averaged over ranks and the skipped-sample count summed over them
+        (one all-reduce), which is also added to the checkpointed progress here, on every rank alike."""
+        record, skipped = self.agree.mean_and_total(terms, self.pending_skipped)
+        self.pending_skipped = 0
         progress = self.progress
-        progress.skipped_samples += int(round(values[-1] * self.world_size))
+        progress.skipped_samples += skipped
         record.update(step=progress.step, samples_seen=progress.samples_seen,
                       samples_per_s=self.cfg.data.global_batch_size / step_s, data_wait_frac=wait_s / step_s,
                       skipped_samples=progress.skipped_samples)
@@ -222,16 +194,13 @@ class Trainer:
     def fit(self) -> dict:
         """Train to optim.steps, or until a stop signal / run.stop_after_steps (checkpoint, EXIT_REQUEUE)."""
         cfg, progress = self.cfg, self.progress
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(signum, self._request_stop)
+        self.stop.install()
         bar = None
         if self.rank == 0 and cfg.logging.progress_bar:
             from tqdm import tqdm
             bar = self._closing.enter_context(tqdm(total=cfg.optim.steps, initial=progress.step, desc="train",
                                                    dynamic_ncols=True))
-        # A run resumed from a checkpoint already holds a checkpoint at its current step.
         last, exit_code, steps_here = {}, EXIT_OK, 0
-        saved_at = progress.step if progress.step > 0 else -1
         self.engine.train()
         batches = iter(self.loader)
         while progress.step < cfg.optim.steps:
@@ -240,32 +209,33 @@ class Trainer:
             wait_s = time.perf_counter() - t0
             if self.keys_file is not None:
                 self.keys_file.write(progress.step, batch["keys"])
-            self._pending_skipped += batch["skipped"]
+            self.pending_skipped += batch["skipped"]
             terms = self.train_step(batch)
             steps_here += 1
             if terms is not None and (progress.step % cfg.logging.every_steps == 0 or progress.step == cfg.optim.steps):
                 last = self._report(terms, wait_s, time.perf_counter() - t0, bar)
             if bar is not None:
                 bar.update(1)
-            if progress.step % cfg.checkpoint.every_steps == 0 and progress.step < cfg.optim.steps:
-                saved_at = self.save()
-            if progress.step < cfg.optim.steps and self._stop_agreed(steps_here):
-                if saved_at != progress.step:
+            if self.saves.periodic(progress.step):
+                self.save()
+            if progress.step < cfg.optim.steps and self.agree.any(self.stop.wants_stop(steps_here)):
+                if self.saves.final(progress.step):
                     self.save()
                 exit_code = EXIT_REQUEUE
                 break
         else:
-            self._finish(saved_at)
+            self._finish()
         return {"step": progress.step, "exit_code": exit_code, "run_dir": str(self.run_dir), "last": dict(last),
                 "skipped_samples": progress.skipped_samples, "nonfinite_steps": progress.nonfinite_total}
 
     def save(self) -> int:
         """A checkpoint of the engine and every registered component at the current step; returns the step."""
         self.checkpoints.save(self.progress.step)
+        self.saves.saved(self.progress.step)
         return self.progress.step
 
-    def _finish(self, saved_at: int) -> None:
-        if saved_at != self.progress.step:
+    def _finish(self) -> None:
+        if self.saves.final(self.progress.step):
             self.save()
         if self.cfg.checkpoint.export:
             export_engine(self.engine, self.run_dir / "export", self.cfg, self.rank, self.progress.step)

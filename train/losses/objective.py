@@ -260,6 +260,7 @@ class ContrastiveObjective:
     """
 
     def __init__(self, cfg: LossConfig, seed: int):
+        cfg.validate()  # a config built in code (not by load_config) is checked where it is used; ConfigError
         self.cfg = cfg
         # Same seed on every rank → same λ everywhere, with no collective. numpy's Generator owns its
         # state (torch's Beta sampler reads only the global RNG), and that state is a plain dict.

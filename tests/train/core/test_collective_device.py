@@ -17,9 +17,7 @@ import torch
 import torch.distributed as dist
 
 from common.net import free_port
-from train.config import TrainConfig
-from train.core.state import TrainProgress
-from train.core.trainer import Trainer
+from train.core.policies import RankAgreement
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all_single", "gather", "scatter")
@@ -58,15 +56,6 @@ def process_group():
     dist.destroy_process_group()
 
 
-def trainer_shell(device: str = "cpu") -> Trainer:
-    """The trainer's bookkeeping without a model or data: what its collective-making methods read."""
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.device, trainer.world_size = TrainConfig(), torch.device(device), 1
-    trainer.progress = TrainProgress(step=3, samples_seen=48, skipped_samples=5)
-    trainer._pending_skipped, trainer._stop_signal = 2, False
-    return trainer
-
-
 def test_the_double_rejects_a_tensor_off_the_groups_device(process_group, monkeypatch):
     """The check can fail: a tensor made under the meta default device is refused before any reduction."""
     checked = DeviceCheckedCollectives(monkeypatch, "cpu")
@@ -78,22 +67,19 @@ def test_the_double_rejects_a_tensor_off_the_groups_device(process_group, monkey
 
 def test_trainer_collectives_use_the_trainer_device(process_group, monkeypatch):
     checked = DeviceCheckedCollectives(monkeypatch, "cpu")
-    trainer = trainer_shell("cpu")
+    agree = RankAgreement(torch.device("cpu"), world_size=1)
     on_device = dict(device="cpu")
     terms = {"loss": torch.tensor(2.5, **on_device), "clip": torch.tensor([2.0], **on_device),
              "lr": torch.tensor(1e-3, **on_device), "logit_scale": torch.tensor(14.0, dtype=torch.bfloat16, **on_device)}
     with torch.device("meta"):  # anything created without device= lands here, not on the trainer's device
-        finite = trainer._all_finite(torch.tensor(1.0, **on_device))
-        not_finite = trainer._all_finite(torch.tensor(float("nan"), **on_device))
-        bf16_finite = trainer._all_finite(torch.tensor(3.0, dtype=torch.bfloat16, **on_device))
-        keep_going = trainer._stop_agreed(steps_this_process=1)
-        trainer._stop_signal = True
-        stop = trainer._stop_agreed(steps_this_process=1)
-        record = trainer._log(terms, wait_s=0.25, step_s=1.0)
+        finite = agree.all_finite(torch.tensor(1.0, **on_device))
+        not_finite = agree.all_finite(torch.tensor(float("nan"), **on_device))
+        bf16_finite = agree.all_finite(torch.tensor(3.0, dtype=torch.bfloat16, **on_device))
+        keep_going = agree.any(False)
+        stop = agree.any(True)
+        record, skipped = agree.mean_and_total(terms, 2)
     assert (finite, not_finite, bf16_finite, keep_going, stop) == (True, False, True, False, True)
     assert checked.calls == ["all_reduce"] * 6
     # world size 1: the all-reduced values are the inputs themselves
-    assert record["loss"] == 2.5 and record["clip"] == 2.0 and record["logit_scale"] == 14.0
+    assert record["loss"] == 2.5 and record["clip"] == 2.0 and record["logit_scale"] == 14.0 and skipped == 2
     assert math.isclose(record["lr"], 1e-3, rel_tol=1e-6)
-    assert record["skipped_samples"] == 5 + 2 and record["step"] == 3 and record["data_wait_frac"] == 0.25
-    assert trainer._pending_skipped == 0

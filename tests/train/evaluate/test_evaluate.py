@@ -58,6 +58,18 @@ def test_contrast_keeps_the_mean_and_rotation_keeps_a_symmetric_image():
     assert corrupt(flat, "rotation", 3, "k").tobytes() == flat.tobytes()  # border fill: no black corners
 
 
+def encode_by_hand(model, eval_transform, tokenizer, samples, unique):
+    """fp64 (images n×d, distinct captions u×d, class prototypes C×d): the model's own encoders in one batch
+    each, the prompt ensemble averaged and renormalised by hand (the reference the evaluator is checked with)."""
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(torch.stack([eval_transform(s.image.convert("RGB")) for s in samples])),
+                          dim=-1).double()
+        txt = F.normalize(model.encode_text(tokenizer(unique)), dim=-1).double()
+        classes = torch.stack([F.normalize(F.normalize(model.encode_text(tokenizer([t.format(c) for t in TEMPLATES])),
+                                                       dim=-1).mean(0), dim=0) for c in CLASS_NAMES]).double()
+    return img, txt, classes
+
+
 def test_periodic_eval_of_trained_tiny_model_matches_a_manual_computation(trained):
     """Every number evaluate_model returns, against the same 200 samples encoded here in one batch with the
     model's own encode_image/encode_text, each metric by its formula in plain torch and Python loops."""
@@ -66,12 +78,7 @@ def test_periodic_eval_of_trained_tiny_model_matches_a_manual_computation(traine
     samples = list(iter_samples(data, "val", 200))
     n, labels, captions = len(samples), [s.label for s in samples], [s.caption for s in samples]
     unique = list(dict.fromkeys(captions))
-    with torch.no_grad():
-        img = F.normalize(model.encode_image(torch.stack([eval_transform(s.image.convert("RGB")) for s in samples])),
-                          dim=-1).double()
-        txt = F.normalize(model.encode_text(tokenizer(unique)), dim=-1).double()
-        classes = torch.stack([F.normalize(F.normalize(model.encode_text(tokenizer([t.format(c) for t in TEMPLATES])),
-                                                       dim=-1).mean(0), dim=0) for c in CLASS_NAMES]).double()
+    img, txt, classes = encode_by_hand(model, eval_transform, tokenizer, samples, unique)
     ranked = [(img[i] @ classes.T).argsort(descending=True).tolist() for i in range(n)]    # classes, best first
     sim, paired = img @ txt.T, txt[[unique.index(c) for c in captions]]
     ref = {"num_samples": n,
@@ -118,12 +125,7 @@ def naive_metrics(trained, split: str, n: int) -> dict:
     samples = list(iter_samples(data, split, n))
     captions, labels = [s.caption for s in samples], [s.label for s in samples]
     unique = list(dict.fromkeys(captions))
-    with torch.no_grad():
-        img = F.normalize(model.encode_image(torch.stack([eval_transform(s.image.convert("RGB")) for s in samples])),
-                          dim=-1).double()
-        txt = F.normalize(model.encode_text(tokenizer(unique)), dim=-1).double()
-        classes = torch.stack([F.normalize(F.normalize(model.encode_text(tokenizer([t.format(c) for t in TEMPLATES])),
-                                                       dim=-1).mean(0), dim=0) for c in CLASS_NAMES]).double()
+    img, txt, classes = encode_by_hand(model, eval_transform, tokenizer, samples, unique)
     probs = (model.logit_scale.exp().item() * img @ classes.T).softmax(1)
     pred = probs.argmax(1).tolist()
     out = {"top1": sum(p == y for p, y in zip(pred, labels)) / n, "num_texts": len(unique)}

@@ -240,7 +240,7 @@ def test_cli_config_mistakes_fail_in_one_line_before_sbatch(tmp_path):
     cases = {   # argv -> text the one line must contain (the key or file to fix)
         ("--config", str(tmp_path / "nope.yaml")): "nope.yaml",
         (*base, "optim.nope=1"): "optim.nope",
-        (*base, "loss.cyclip_in_modal=-1"): "loss.cyclip_in_modal=-1",
+        (*base, "loss.cyclip_in_modal=-1"): "loss.cyclip_in_modal must be >= 0, got -1.0",
         (*base, f"data.path={tmp_path / 'missing'}"): "missing does not exist",
         (*base, "data.split=nosuch"): "data.split=nosuch",
         (*base, "--gpus-per-node", "3"): "data.global_batch_size=16",         # 16 does not split into 3 ranks

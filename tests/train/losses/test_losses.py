@@ -262,7 +262,7 @@ def test_objective_composes_weighted_terms_and_skips_zero_weights():
     assert_close_rel(finetune["loss"], expected, 1e-10)
     assert set(ContrastiveObjective(LossConfig(), seed=0)(I, T, s)) == {"loss", "clip"}
     with pytest.raises(ValueError):
-        LossConfig(m2mix_weight=-1.0)
+        LossConfig(m2mix_weight=-1.0).validate()
 
 
 M2MIX = LossConfig(m2mix_weight=0.02, m2mix_alpha=0.5)
@@ -356,9 +356,9 @@ def test_inverse_epoch_schedule_divides_every_mixing_weight_by_epoch_plus_one():
     resumed.load_state_dict(objective.state_dict())
     assert resumed.draw_lambda()["mix_weight_factor"] == 1 / 3
     with pytest.raises(ValueError, match="schedule_epoch_steps"):
-        LossConfig(mix_weight_schedule="inverse_epoch")
+        ContrastiveObjective(LossConfig(mix_weight_schedule="inverse_epoch"), seed=0)  # checked where it is used
     with pytest.raises(ValueError, match="mix_weight_schedule"):
-        LossConfig(mix_weight_schedule="cosine")
+        LossConfig(mix_weight_schedule="cosine").validate()
 
 
 def test_fixed_clip_scale_and_separate_mix_scale_by_hand():
@@ -395,4 +395,4 @@ def test_cyclip_reference_batch_scales_lambda_by_reference_over_global_batch():
     mean_cross = sum((I[i] @ T[j] - I[j] @ T[i]) ** 2 for i in range(8) for j in range(8)) / 64
     assert_close_rel(got, naive_clip(I, T, s) + 512 * (0.25 * mean_in + 0.5 * mean_cross), 1e-10)
     with pytest.raises(ValueError):
-        LossConfig(cyclip_reference_batch=0)
+        LossConfig(cyclip_reference_batch=0).validate()
