@@ -275,7 +275,7 @@ def test_start_over_removes_the_old_checkpoints(tmp_path):
 def test_export_of_a_wrong_path_is_one_line_and_exit_2(tmp_path, what):
     path = {"missing folder": tmp_path / "runs" / "nope", "a file": ROOT / "README.md",
             "a folder that is no run": tmp_path}[what]
-    done = subprocess.run([sys.executable, "-m", "train.core.export", str(path)], cwd=tmp_path, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "train.export", str(path)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]

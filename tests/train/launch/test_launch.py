@@ -261,7 +261,9 @@ def test_cli_config_mistakes_fail_in_one_line_before_sbatch(tmp_path):
         assert out.returncode == 2, (argv, out.stderr)
         assert not submitted, argv
         lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("config error: ") and expected in lines[0], (argv, lines)
+        # A path that cannot be used is an InputError ("error: "), a bad value a ConfigError (common/errors.py).
+        label = "error: " if expected in ("missing does not exist", "no_ckpt") else "config error: "
+        assert len(lines) == 1 and lines[0].startswith(label) and expected in lines[0], (argv, lines)
         assert "Traceback" not in out.stderr
     # the same config without the mistake does reach sbatch (the check is not a blanket refusal)
     out, submitted = launch_cli(tmp_path, *base)
