@@ -96,9 +96,12 @@ class Manifest:
     def wids_index_path(self, split: str) -> str:
         return os.path.join(self.root, self.split(split).wids_index)
 
-    def classnames(self) -> List[str] | None:
-        path = Path(self.root) / "classnames.txt"
-        return path.read_text().splitlines() if path.is_file() else None
+    def classnames(self, storage_options: Optional[dict] = None) -> List[str] | None:
+        """classnames.txt beside the manifest (local or remote), one name per line; None if there is none."""
+        try:
+            return read_text_at(str(self.root), "classnames.txt", storage_options).splitlines()
+        except FileNotFoundError:
+            return None
 
 
 def _is_remote(root: str) -> bool:
@@ -124,6 +127,16 @@ def _read_remote_text(url: str, storage_options: Optional[dict]) -> str:
             return f.read().decode()
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{url} not found: not a finished dataset folder ({err})") from None
+
+
+def read_text_at(root: str, rel: str, storage_options: Optional[dict] = None) -> str:
+    """The text of ``rel`` under ``root`` (a folder, URL or ``pipe:`` command); FileNotFoundError if absent."""
+    if _is_remote(root):
+        return _read_remote_text(_join_remote(root, rel), storage_options)
+    path = Path(root.removeprefix("file://")) / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return path.read_text()
 
 
 def read_manifest(folder: str | os.PathLike, storage_options: Optional[dict] = None) -> Manifest:

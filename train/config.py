@@ -5,9 +5,10 @@ fine-tuning differ only in these values (the loss composition included), never i
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from common.errors import ConfigError
 from common.validation import Choice, Range, Rule, check_bounds
@@ -211,7 +212,53 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints to keep (older ones are deleted after a newer one is complete); 0 keeps all."""
     export: bool = True
-    """Write RUN_DIR/export/model.pt (plain open_clip state dict) at the end of training."""
+    """Write RUN_DIR/export/ at the end of training: open_clip's hub layout (open_clip_config.json +
+    open_clip_model.safetensors; train/model/hub.py), loadable as ``local-dir:RUN_DIR/export``."""
+
+
+@dataclass
+class ZeroShotSet:
+    """A classification set the trainer evaluates zero-shot while it trains (open_clip_train's --imagenet-val).
+    Its top-1, top-5 and mean per-class recall go to metrics.jsonl, TensorBoard and wandb as
+    ``zeroshot/{name}/top1`` etc. Every rank takes part (under ZeRO-3 a forward needs all of them)."""
+
+    name: str = ""
+    """Label of the results (letters, digits, ``_-.``), e.g. ``imagenet``."""
+    path: str = ""
+    """The dataset, local or remote: CLIP_benchmark's webdataset format (e.g. ImageNet-1k's wds/imagenet1k) or
+    this project's dataset folder with labels and classnames.txt (train/evaluate/datasets.py)."""
+    split: str = "test"
+    """Split to evaluate (CLIP_benchmark calls ImageNet's validation set ``test``)."""
+    every_steps: int = 0
+    """Evaluate when the step is a multiple of this, and at the last step (0 = only at the last step). A pure
+    function of the step, so a resumed run evaluates at the same steps as an uninterrupted one."""
+    max_samples: int = 1000
+    """Evaluate on the first N samples of the split (0 = all): this bounds each evaluation's cost."""
+    templates: List[str] = field(default_factory=list)
+    """Prompt templates (``{}`` or ``{c}`` = class name); empty = the dataset's own, else the evaluator's default."""
+    batch_size: int = 128
+    """Images or prompts per forward pass."""
+
+    def due(self, step: int, last_step: int) -> bool:
+        return step == last_step or (self.every_steps > 0 and step % self.every_steps == 0)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking (open_clip_train's --report-to wandb), on rank 0, beside metrics.jsonl."""
+
+    project: str = ""
+    """wandb project; empty = wandb off."""
+    entity: str = ""
+    """wandb entity (team or user); empty = your default."""
+    name: str = ""
+    """Display name of the run; empty = the run folder's name."""
+    tags: List[str] = field(default_factory=list)
+    """Tags of the run."""
+    mode: str = "offline"
+    """``offline`` (the default: nothing leaves the machine; ``wandb sync RUN_DIR/wandb/offline-run-*`` uploads
+    later), ``online``, or ``disabled``. A resumed or requeued run continues the same wandb run (its id is kept
+    in RUN_DIR/wandb_run_id)."""
 
 
 @dataclass
@@ -231,6 +278,11 @@ class LoggingConfig:
     """Split of data.path the periodic evaluation reads."""
     eval_max_samples: int = 512
     """Samples of that split the periodic evaluation uses."""
+    zeroshot: List[ZeroShotSet] = field(default_factory=list)
+    """Classification sets evaluated zero-shot during training, e.g.
+    ``[{name: imagenet, path: /data/wds_imagenet1k, every_steps: 2000, max_samples: 10000}]``."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases (off unless ``logging.wandb.project`` is set)."""
 
 
 @dataclass
@@ -291,7 +343,7 @@ class TrainConfig:
         "zero.reduce_bucket_size": Range(low=1), "zero.allgather_bucket_size": Range(low=1),
         "checkpoint.every_steps": Range(low=1), "checkpoint.keep_last": Range(low=0),
         "logging.every_steps": Range(low=1), "logging.eval_every_steps": Range(low=0),
-        "logging.eval_max_samples": Range(low=1),
+        "logging.eval_max_samples": Range(low=1), "logging.wandb.mode": Choice(("offline", "online", "disabled")),
         "run.stop_after_steps": Range(low=0), "run.device": Choice(("auto", "cpu", "cuda")),
     }
     """Every field's rule, written once (common/validation.py; NaN/±inf are refused for every number)."""
@@ -303,6 +355,23 @@ class TrainConfig:
         self.loss.validate("loss.")
         if self.optim.min_lr > self.optim.lr:
             raise ConfigError(f"optim.min_lr={self.optim.min_lr} must be <= optim.lr={self.optim.lr}")
+        self._validate_zeroshot()
+
+    def _validate_zeroshot(self) -> None:
+        names = set()
+        for i, zs in enumerate(self.logging.zeroshot):
+            key = f"logging.zeroshot[{i}]"
+            check_bounds(zs, {"every_steps": Range(low=0), "max_samples": Range(low=0), "batch_size": Range(low=1)},
+                         f"{key}.")
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", zs.name or ""):
+                raise ConfigError(f"{key}.name={zs.name!r}: give each set a name of letters, digits, '_', '-', '.'")
+            if zs.name in names:
+                raise ConfigError(f"{key}.name={zs.name}: two sets share this name")
+            names.add(zs.name)
+            if not zs.path:
+                raise ConfigError(f"{key}.path: the dataset of set '{zs.name}' is missing")
+            if any("{}" not in t and "{c}" not in t for t in zs.templates):
+                raise ConfigError(f"{key}.templates: every template needs a '{{}}' (or '{{c}}') for the class name")
 
     def check_world_size(self, world_size: int) -> int:
         """The per-rank batch b = global / world; it must split into accum_freq equal micro-batches."""

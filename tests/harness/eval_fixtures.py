@@ -62,9 +62,10 @@ def train_tiny_clip(root: Path):
 
 def write_run(run_dir: Path, model, log, loss_overrides: dict, seed: int):
     """A run folder as the trainer leaves it: config.yaml, metrics.jsonl, export/."""
-    (run_dir / "export").mkdir(parents=True)
-    torch.save(model.state_dict(), run_dir / "export" / "model.pt")
-    (run_dir / "export" / "model_config.json").write_text(json.dumps(TINY_CFG))
+    from train.model.hub import hub_config, write_export
+
+    write_export(run_dir / "export", {k: v.float() for k, v in model.state_dict().items()},
+                 hub_config(model, TINY_CFG), {"model_name": "eval_test_tiny", "step": len(log)})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     loss = "\n".join(f"  {k}: {v}" for k, v in loss_overrides.items())
     (run_dir / "config.yaml").write_text(

@@ -1,38 +1,34 @@
-"""Export a trained model as a plain open_clip state dict.
+"""Export a trained model in open_clip's hub layout (train/model/hub.py).
 
-``RUN_DIR/export/model.pt`` loads with ``open_clip.create_model_and_transforms(name, pretrained=path)``
-(register this project's configs first: ``train.model.build.register_model_configs()``), and is the
-``model.pretrained`` of fine-tuning configs. ``model_config.json`` beside it is the pure open_clip
-config (``open_clip.add_model_config`` registers it as "model_config"); ``info.json`` names the model.
+``RUN_DIR/export/`` holds ``open_clip_config.json`` (model_cfg + preprocess_cfg) and
+``open_clip_model.safetensors``, so ``open_clip.create_model_and_transforms("local-dir:RUN_DIR/export")``
+returns the trained model with the run's eval preprocessing, for built-in and custom model configs alike;
+CLIP_benchmark takes ``--model local-dir:RUN_DIR/export``. The folder is also what fine-tuning configs name as
+``model.pretrained`` and what ``python -m train.evaluate --checkpoint`` reads. ``model.pt`` is retired.
 
     python -m train.export RUN_DIR_or_CHECKPOINT_DIR [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-from common.atomic_files import atomic_path
 from common.cli import run_entry_point
 from common.errors import EXIT_OK, InputError
-from train.model.build import export_state_dict, register_model_configs, write_model_config
+from train.config import ModelConfig
+from train.model.build import export_config, export_state_dict
+from train.model.hub import write_export
 
-MODEL_FILE = "model.pt"
 
-
-def _write(state_dict: dict, out_dir: Path, model_name: str, config_file, max_logit_scale: float, info: dict) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    register_model_configs(config_file)
-    with atomic_path(out_dir / MODEL_FILE) as tmp:
-        torch.save(export_state_dict(state_dict, max_logit_scale), tmp)
-    write_model_config(out_dir / "model_config.json", model_name)
-    (out_dir / "info.json").write_text(json.dumps({"model_name": model_name, **info}, indent=2))
-    return out_dir / MODEL_FILE
+def _write(state_dict: dict, out_dir: Path, model: torch.nn.Module, model_cfg: ModelConfig, max_logit_scale: float,
+           info: dict) -> Path:
+    config = export_config(model, model_cfg)
+    return write_export(out_dir, export_state_dict(state_dict, max_logit_scale), config,
+                        {"model_name": model_cfg.name, **info})
 
 
 def export_engine(engine, out_dir: Path, cfg, rank: int, step: int) -> Path | None:
@@ -58,7 +54,7 @@ def export_engine(engine, out_dir: Path, cfg, rank: int, step: int) -> Path | No
     state_dict = {}
     for key, value in module.state_dict(keep_vars=True).items():
         state_dict[key] = masters[key] if key in masters else value.detach().float().cpu().clone()
-    return _write(state_dict, Path(out_dir), cfg.model.name, cfg.model.config_file, cfg.optim.max_logit_scale,
+    return _write(state_dict, Path(out_dir), module, cfg.model, cfg.optim.max_logit_scale,
                   {"step": step, "source": "live engine"})
 
 
@@ -110,7 +106,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
                                                    weights_only=False))
     run_dir = path.parent.parent
     out = Path(out_dir) if out_dir else run_dir / "export"
-    return _write(state_dict, out, cfg["model"]["name"], cfg["model"]["config_file"], cfg["optim"]["max_logit_scale"],
+    model_cfg = ModelConfig(**cfg["model"])
+    # The preprocess config is read off a model built as the run built it (random weights: only its config counts).
+    from train.model.build import build_model
+
+    model = build_model(dataclasses.replace(model_cfg, pretrained=None))[0]
+    return _write(state_dict, out, model, model_cfg, cfg["optim"]["max_logit_scale"],
                   {"step": state["step"], "source": str(path)})
 
 

@@ -15,6 +15,7 @@ from common.config_loader import flat_fields, to_dict
 from common.errors import ConfigError, InputError
 from common.shard_folder import read_manifest
 from train.config import TrainConfig
+from train.model.hub import WEIGHTS_FILE, is_export_dir, weights_file
 
 SHARDS_HINT = "build it with `make shards` (python -m pipeline demo --out DIR, or python -m pipeline run)"
 
@@ -40,11 +41,24 @@ def preflight(cfg: TrainConfig, world_size: int) -> Optional[dict]:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     cfg.check_world_size(world_size)
     check_dataset(cfg, world_size)
+    check_zeroshot_sets(cfg)
     check_run_dir(cfg)
     finished = check_resume(cfg)
     check_model(cfg)
     check_pretrained(cfg)
     return finished
+
+
+def check_zeroshot_sets(cfg: TrainConfig) -> None:
+    """Each logging.zeroshot set must open (either format) and be a classification set with class names."""
+    from train.evaluate.datasets import open_eval_set
+
+    for i, zs in enumerate(cfg.logging.zeroshot):
+        what = f"logging.zeroshot[{i}].path"
+        eval_set = open_eval_set(zs.path, zs.split, what)
+        if eval_set.task == "retrieval" or not eval_set.classnames:
+            raise InputError(f"{what}={zs.path}: not a classification set (it needs class names: classnames.txt "
+                             f"beside it{'; this is a retrieval set' if eval_set.task == 'retrieval' else ''})")
 
 
 def check_run_dir(cfg: TrainConfig) -> None:
@@ -109,7 +123,7 @@ def check_resume(cfg: TrainConfig) -> Optional[dict]:
                           f"({'; '.join(changed)}); use a new run.run_dir, or run.resume=none to start over in "
                           "this one, or pass the old values to continue it")
     step = int(saved.get("step", 0))
-    exported = not cfg.checkpoint.export or (Path(cfg.run.run_dir) / "export" / "model.pt").is_file()
+    exported = not cfg.checkpoint.export or is_export_dir(Path(cfg.run.run_dir) / "export")
     if step >= cfg.optim.steps and exported:  # (without its export the trainer starts, to write it)
         return {"step": step, "message": f"run already finished at step {step} (optim.steps={cfg.optim.steps}) in "
                 f"{cfg.run.run_dir}: nothing to train; raise optim.steps to extend it, or use a new run.run_dir"}
@@ -140,18 +154,22 @@ def check_model(cfg: TrainConfig) -> None:
 
 
 def check_pretrained(cfg: TrainConfig) -> None:
-    """A path-like model.pretrained must be a file (anything else is an open_clip tag, which needs network)."""
+    """A path-like model.pretrained must be a weights file or an export folder (train/model/hub.py); anything
+    else is an open_clip tag, which needs network."""
     weights = cfg.model.pretrained
-    if weights and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))) \
-            and not os.path.isfile(weights):
+    pathlike = weights and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
+                            or os.path.isdir(weights))
+    if pathlike and weights_file(weights) is None:
         hint = ""
-        if weights.endswith(os.path.join("export", "model.pt")):
-            run_dir = Path(weights).parent.parent
-            hint = (f": train it first (make pretrain writes runs/pretrain_cyclip/export/model.pt), or export a "
+        parts = Path(weights).parts
+        if "export" in parts[-2:]:
+            run_dir = Path(*parts[:parts.index("export")]) if parts.index("export") else Path(".")
+            hint = (f": train it first (make pretrain writes runs/pretrain_cyclip/export/), or export a "
                     f"checkpoint with python -m train.export {run_dir}")
-        raise InputError(f"model.pretrained={weights}: no such file{hint}")
-    if weights and os.path.isfile(weights):
-        check_weights_file(weights)
+        what = f"no weights in this folder (no {WEIGHTS_FILE})" if os.path.isdir(weights) else "no such file or export folder"
+        raise InputError(f"model.pretrained={weights}: {what}{hint}")
+    if pathlike:
+        check_weights_file(str(weights_file(weights)))
     elif weights:
         import open_clip
 

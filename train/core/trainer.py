@@ -96,8 +96,10 @@ class Trainer:
                                   self.progress.step if resume_from is not None else None)
         self.pending_skipped = 0  # corrupt samples replaced on this rank since the last log line
         self.metrics = self.keys_file = None
+        self._zeroshot_sets = {}
         if self.rank == 0:
-            self.metrics = MetricsWriter(self.run_dir, self.progress.step, cfg.logging.tensorboard)
+            self.metrics = MetricsWriter(self.run_dir, self.progress.step, cfg.logging.tensorboard, cfg.logging.wandb,
+                                         resumed=resume_from is not None, config=to_dict(cfg))
             self._closing.callback(self.metrics.close)
         if cfg.logging.log_sample_keys:
             self.keys_file = SampleKeysWriter(self.run_dir, self.rank)
@@ -157,13 +159,32 @@ class Trainer:
             terms["lr"] = torch.tensor(lr, device=self.device)
         return terms
 
-    def evaluate(self) -> dict:
-        """The light periodic evaluation. Every rank runs it: under ZeRO-3 a forward needs all of them."""
-        from train.evaluate.periodic import evaluate_model
+    def evaluate(self, step: int) -> dict:
+        """The evaluations due at ``step`` (logging.eval_every_steps and each logging.zeroshot set), as flat
+        metrics; {} when none is due. A pure function of the step, so resume does not move them. Every rank
+        runs them: under ZeRO-3 a forward needs all of them."""
+        from train.evaluate.periodic import evaluate_model, zero_shot
 
-        results = evaluate_model(self.engine, self.tokenizer, self.eval_transform, self.cfg.data.path,
-                                 self.cfg.logging.eval_split, self.cfg.logging.eval_max_samples)
-        return {f"eval/{name}": float(value) for name, value in results.items()}
+        cfg, out = self.cfg.logging, {}
+        every, last = cfg.eval_every_steps, self.cfg.optim.steps
+        if every and (step % every == 0 or step == last):
+            results = evaluate_model(self.engine, self.tokenizer, self.eval_transform, self.cfg.data.path,
+                                     cfg.eval_split, cfg.eval_max_samples)
+            out.update({f"eval/{name}": float(value) for name, value in results.items()})
+        for zs in cfg.zeroshot:
+            if zs.due(step, last):
+                results = zero_shot(self.engine, self.tokenizer, self.eval_transform, self._zeroshot_set(zs),
+                                    zs.max_samples, zs.templates, zs.batch_size)
+                out.update({f"zeroshot/{zs.name}/{name}": float(value) for name, value in results.items()})
+        return out
+
+    def _zeroshot_set(self, zs):
+        """The opened dataset of a logging.zeroshot entry (its class names and templates read once)."""
+        from train.evaluate.datasets import open_eval_set
+
+        if zs.name not in self._zeroshot_sets:
+            self._zeroshot_sets[zs.name] = open_eval_set(zs.path, zs.split, f"logging.zeroshot {zs.name}: path")
+        return self._zeroshot_sets[zs.name]
 
     # ---------------------------------------------------------------- loop
     def _log(self, terms: dict, wait_s: float, step_s: float) -> dict:
@@ -178,15 +199,14 @@ class Trainer:
                       skipped_samples=progress.skipped_samples)
         return record
 
-    def _report(self, terms: dict, wait_s: float, step_s: float, bar) -> dict:
-        """Rank 0 writes the step's all-reduced loss terms (and the periodic evaluation) to metrics/TensorBoard."""
-        record = self._log(terms, wait_s, step_s)
-        every, step = self.cfg.logging.eval_every_steps, self.progress.step
-        if every and (step % every == 0 or step == self.cfg.optim.steps):
-            record.update(self.evaluate())
+    def _report(self, terms: Optional[dict], wait_s: float, step_s: float, bar, evals: dict) -> dict:
+        """Rank 0 writes the step's all-reduced loss terms (None: not logged this step) and the evaluations due
+        at this step to metrics.jsonl, TensorBoard and wandb."""
+        record = self._log(terms, wait_s, step_s) if terms is not None else {"step": self.progress.step}
+        record.update(evals)
         if self.metrics is not None:
             self.metrics.write(record)
-        if bar is not None:
+        if bar is not None and terms is not None:
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("samples_per_s", "loss", *sorted(terms)) if k in record},
                             refresh=False)
         return record
@@ -211,9 +231,13 @@ class Trainer:
                 self.keys_file.write(progress.step, batch["keys"])
             self.pending_skipped += batch["skipped"]
             terms = self.train_step(batch)
+            step_s = time.perf_counter() - t0
             steps_here += 1
-            if terms is not None and (progress.step % cfg.logging.every_steps == 0 or progress.step == cfg.optim.steps):
-                last = self._report(terms, wait_s, time.perf_counter() - t0, bar)
+            logged = terms is not None and (progress.step % cfg.logging.every_steps == 0
+                                            or progress.step == cfg.optim.steps)
+            evals = self.evaluate(progress.step)
+            if logged or evals:
+                last = self._report(terms if logged else None, wait_s, step_s, bar, evals)
             if bar is not None:
                 bar.update(1)
             if self.saves.periodic(progress.step):

@@ -3,7 +3,8 @@
     python -m train.evaluate --checkpoint PATH|RUN_DIR [--config FILE] [key=value ...]
     python -m train.evaluate compare RUN_DIR... --out DIR
 
-The first evaluates one model (EvalConfig fields as overrides, e.g. ``max_samples=1000``) and writes
+The first evaluates one model (EvalConfig fields as overrides, e.g. ``max_samples=1000``) on a dataset in this
+project's format or CLIP_benchmark's webdataset format (``dataset=ROOT``, local or remote), and writes
 eval.json, eval.md and the plots to ``out_dir`` (default RUN_DIR/eval); the second puts evaluated runs
 side by side. A user mistake (bad key or value, missing dataset folder, split, reference dataset or
 checkpoint) ends with one line on stderr and exit code 2, checked before the model is loaded.
@@ -25,6 +26,7 @@ from train.data.shard_source import is_remote
 from .compare import compare
 from .config import EvalConfig, EvalInputError
 from .core import evaluate
+from .datasets import open_eval_set
 from .data import load_model
 from .report import write_eval_outputs
 
@@ -56,12 +58,18 @@ def _split_size(folder: str, split: str, what: str) -> int:
 
 def check_inputs(cfg: EvalConfig) -> None:
     """The dataset folders and splits a user names, checked before the (slow) model load."""
-    available = _split_size(cfg.dataset, cfg.split, "dataset")
-    if available == 0:
-        raise EvalInputError(f"dataset={cfg.dataset}: split '{cfg.split}' has no samples")
-    if cfg.max_samples > available:    # like `head -n`: evaluate what there is, and say so once
-        print(f"note: max_samples={cfg.max_samples} > {available} samples in {cfg.split}; evaluating all {available}",
-              file=sys.stderr)
+    eval_set = open_eval_set(cfg.dataset, cfg.split)
+    missing = [p for p in eval_set.shard_urls if not is_remote(p) and not os.path.isfile(p.removeprefix("file://"))]
+    if missing and eval_set.format == "clip_benchmark":
+        raise EvalInputError(f"dataset={cfg.dataset}: shard {missing[0]} of split '{cfg.split}' is missing "
+                             f"({cfg.split}/nshards.txt counts {len(eval_set.shard_urls)})")
+    if eval_set.format == "manifest":
+        available = _split_size(cfg.dataset, cfg.split, "dataset")
+        if available == 0:
+            raise EvalInputError(f"dataset={cfg.dataset}: split '{cfg.split}' has no samples")
+        if cfg.max_samples > available:    # like `head -n`: evaluate what there is, and say so once
+            print(f"note: max_samples={cfg.max_samples} > {available} samples in {cfg.split}; evaluating all "
+                  f"{available}", file=sys.stderr)
     if cfg.reference_dataset:
         for split in (cfg.reference_split, cfg.calibration_split):
             _split_size(cfg.reference_dataset, split, "reference_dataset")
@@ -70,7 +78,8 @@ def check_inputs(cfg: EvalConfig) -> None:
 def main_evaluate(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="RUN_DIR (uses export/) or a state-dict file")
+    parser.add_argument("--checkpoint", required=True,
+                        help="RUN_DIR (uses its export/), an export folder (open_clip's hub layout) or a weights file")
     parser.add_argument("--config", default=None, help="YAML file of EvalConfig fields")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of EvalConfig fields")
     args = parser.parse_args(argv)

@@ -30,15 +30,19 @@ class EvalInputError(InputError):
 @dataclass
 class EvalConfig:
     dataset: str = "data/fmnist"
-    """Dataset folder (manifest.json + shards). Classification needs per-sample ``label`` and classnames.txt."""
+    """Dataset folder or URL: this project's (manifest.json + shards; classification needs per-sample ``label``
+    and classnames.txt) or CLIP_benchmark's webdataset format (SPLIT/nshards.txt, classnames.txt,
+    zeroshot_classification_templates.txt; train/evaluate/datasets.py)."""
     split: str = "test"
     """Split of the dataset folder to evaluate on (never a training split)."""
     max_samples: int = 0
     """Evaluate on the first N samples of the split (0 = all)."""
     classnames: List[str] = field(default_factory=list)
     """Class names, overriding the dataset's classnames.txt (empty = read classnames.txt)."""
-    templates: List[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
-    """Prompt templates of the zero-shot ensemble; ``{}`` is replaced by the class name."""
+    templates: List[str] = field(default_factory=list)
+    """Prompt templates of the zero-shot ensemble; ``{}`` (or CLIP_benchmark's ``{c}``) is replaced by the class
+    name. Empty: the dataset's own (a CLIP_benchmark set's zeroshot_classification_templates.txt), else
+    DEFAULT_TEMPLATES."""
     retrieval_relevance: str = "caption"
     """Which text counts as a correct match of an image in retrieval: ``caption`` (texts with the identical
     caption string, merged into one gallery item), ``instance`` (only the image's own caption, duplicates
@@ -90,7 +94,7 @@ class EvalConfig:
         unknown = sorted(set(self.corruptions) - set(CORRUPTIONS))
         if unknown:
             raise ConfigError(f"corruptions: unknown {unknown} (known: {sorted(CORRUPTIONS)})")
-        if any("{}" not in t for t in self.templates):
-            raise ConfigError("templates: every template needs a '{}' for the class name")
+        if any("{}" not in t and "{c}" not in t for t in self.templates):
+            raise ConfigError("templates: every template needs a '{}' (or '{c}') for the class name")
         if not self.consistency_ks:
             raise ConfigError("consistency_ks must name at least one k")

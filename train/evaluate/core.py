@@ -6,11 +6,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from common.shard_folder import read_manifest
-
 from . import metrics
-from .config import EvalConfig
+from .config import DEFAULT_TEMPLATES, EvalConfig, EvalInputError
 from .data import Sample, encode_images, encode_texts, iter_samples, logit_scale_of, zero_shot_weights
+from .datasets import EvalSet, open_eval_set
 
 RELEVANCE_TEXT = {
     "caption": "an image and a text match iff the text is the image's own caption string; identical caption "
@@ -19,6 +18,9 @@ RELEVANCE_TEXT = {
     "instance": "only the image's own caption (row i ↔ text i) is relevant; duplicate captions are kept as "
                 "separate gallery texts",
     "label": "a text is relevant to every image of the same class label as the text's own image",
+    "clip_benchmark": "each image has several captions (a CLIP_benchmark retrieval set); a text is relevant only "
+                      "to its own image. i2t R@k: an image counts if any of its captions is among its k nearest "
+                      "texts; t2i R@k: averaged over all texts (CLIP_benchmark's zeroshot_retrieval)",
 }
 
 
@@ -26,11 +28,12 @@ class _Recorder:
     """Passes samples through while keeping their keys, labels and captions (one read of the shards)."""
 
     def __init__(self, samples: Iterator[Sample]):
-        self.samples, self.keys, self.labels, self.captions = samples, [], [], []
+        self.samples, self.keys, self.labels, self.captions, self.all_captions = samples, [], [], [], []
 
     def __iter__(self):
         for s in self.samples:
             self.keys.append(s.key), self.labels.append(s.label), self.captions.append(s.caption)
+            self.all_captions.append(s.captions)
             yield s
 
 
@@ -38,7 +41,7 @@ def classification_metrics(image_features: torch.Tensor, class_weights: torch.Te
                            logit_scale: float, ece_bins: int, reference: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                            temperature: Optional[float] = None,
                            ks: Sequence[int] = metrics.CONSISTENCY_KS) -> Dict[str, object]:
-    """Zero-shot top-1/top-5, ECE + NLL (+ after temperature scaling) + reliability bins, and consistency.
+    """Zero-shot top-1/top-5, mean per-class recall, ECE + NLL (+ after temperature scaling) + reliability bins, and consistency.
 
     ``reference`` = (training image embeddings, their labels) gives CyCLIP's consistency (k-NN vote over
     them, each k in ``ks``; ``consistency`` is the mean over k). Without it, consistency compares with the
@@ -50,7 +53,8 @@ def classification_metrics(image_features: torch.Tensor, class_weights: torch.Te
     confidence, pred = probs.max(dim=1)
     correct = pred == labels
     acc = metrics.topk_accuracy(logits, labels, (1, 5))
-    out = {"top1": acc[1], "top5": acc[5], **metrics.calibration_metrics(logits, labels, 1.0, ece_bins)}
+    out = {"top1": acc[1], "top5": acc[5], "mean_per_class_recall": metrics.mean_per_class_recall(pred, labels),
+           **metrics.calibration_metrics(logits, labels, 1.0, ece_bins)}
     if temperature is not None:
         scaled = metrics.calibration_metrics(logits, labels, temperature, ece_bins)
         out.update(temperature=temperature, ece_ts=scaled["ece"], nll_ts=scaled["nll"])
@@ -114,40 +118,55 @@ def retrieval_groups(captions: Sequence[str], labels: Optional[Sequence[int]], r
     return unique, torch.tensor([index[c] for c in captions]), torch.arange(len(unique))
 
 
+def templates_for(cfg_templates: Sequence[str], eval_set: EvalSet) -> List[str]:
+    """The prompt templates: the user's, else the dataset's own, else DEFAULT_TEMPLATES."""
+    return list(cfg_templates) or list(eval_set.templates or []) or list(DEFAULT_TEMPLATES)
+
+
 def evaluate(model, eval_transform: Callable, tokenizer: Callable, cfg: EvalConfig,
              progress: Callable[[str], None] = lambda msg: None) -> Dict[str, object]:
-    """All metrics of docs/METHODS.md §4 on ``cfg.dataset``/``cfg.split``, clean and under corruptions."""
+    """All metrics of docs/METHODS.md §4 on ``cfg.dataset``/``cfg.split`` (either format,
+    train/evaluate/datasets.py), clean and under corruptions."""
     t0 = time.perf_counter()
     model.eval()
     scale = cfg.logit_scale or logit_scale_of(model)
-    recorder = _Recorder(iter_samples(cfg.dataset, cfg.split, cfg.max_samples))
+    eval_set = open_eval_set(cfg.dataset, cfg.split)
+    recorder = _Recorder(eval_set.samples(cfg.max_samples))
     image_features = encode_images(model, eval_transform, iter(recorder), cfg.batch_size)
     n = len(image_features)
     progress(f"encoded {n} clean images")
-    classnames = list(cfg.classnames) or read_manifest(cfg.dataset).classnames()
+    classnames = list(cfg.classnames) or eval_set.classnames
+    templates = templates_for(cfg.templates, eval_set)
     has_labels = all(lab is not None for lab in recorder.labels)
     has_captions = all(c is not None for c in recorder.captions)
+    if eval_set.task == "classification" and not classnames:
+        raise EvalInputError(f"dataset={cfg.dataset}: a classification set needs class names (classnames.txt "
+                             "beside it, or classnames=[...])")
     results: Dict[str, object] = {
-        "dataset": {"folder": str(cfg.dataset), "split": cfg.split, "num_samples": n,
+        "dataset": {"folder": str(cfg.dataset), "split": cfg.split, "format": eval_set.format, "num_samples": n,
                     "num_classes": len(classnames) if classnames else 0},
         "model": {"logit_scale": scale}}
 
     class_weights = labels = None
     if has_labels and classnames:
         labels = torch.tensor(recorder.labels)
-        if int(labels.max()) >= len(classnames):
-            raise ValueError(f"label {int(labels.max())} but only {len(classnames)} class names")
-        class_weights = zero_shot_weights(model, tokenizer, classnames, cfg.templates, cfg.batch_size)
+        if int(labels.max()) >= len(classnames) or int(labels.min()) < 0:
+            raise EvalInputError(f"dataset={cfg.dataset}: label {int(labels.max())} but only {len(classnames)} "
+                                 "class names")
+        class_weights = zero_shot_weights(model, tokenizer, classnames, templates, cfg.batch_size)
         reference, temperature = reference_inputs(model, eval_transform, tokenizer, cfg, class_weights, scale, progress)
         clean = classification_metrics(image_features, class_weights, labels, scale, cfg.ece_bins, reference,
                                        temperature, cfg.consistency_ks)
         results["calibration"] = clean.pop("calibration")
-        results["zero_shot"] = {**clean, "num_templates": len(cfg.templates), "chance_top1": 1 / len(classnames)}
+        results["zero_shot"] = {**clean, "num_templates": len(templates), "chance_top1": 1 / len(classnames)}
 
     # Pairs for alignment/uniformity/gap/C_in/C_cross: each image with its caption, or, for a pure
     # classification set, with its class's prompt-ensemble embedding.
     paired_text = None
-    if has_captions:
+    if has_captions and eval_set.format == "clip_benchmark":
+        results["retrieval"], paired_text = benchmark_retrieval(model, tokenizer, image_features, recorder.all_captions,
+                                                                cfg.batch_size)
+    elif has_captions:
         unique = list(dict.fromkeys(recorder.captions))
         unique_feats = encode_texts(model, tokenizer, unique, cfg.batch_size)
         index = {c: i for i, c in enumerate(unique)}
@@ -174,6 +193,20 @@ def evaluate(model, eval_transform: Callable, tokenizer: Callable, cfg: EvalConf
     return results
 
 
+def benchmark_retrieval(model, tokenizer, image_features: torch.Tensor, captions: Sequence[Sequence[str]],
+                        batch_size: int):
+    """Recall@k both ways over every caption of every image, as CLIP_benchmark scores retrieval; and each
+    image's pair for the embedding metrics (its first caption)."""
+    texts = [c for caps in captions for c in caps]
+    text_group = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    text_features = encode_texts(model, tokenizer, texts, batch_size)
+    first = torch.tensor([0] + [len(caps) for caps in captions[:-1]]).cumsum(0)
+    out = {"relevance": "clip_benchmark", "relevance_definition": RELEVANCE_TEXT["clip_benchmark"],
+           "num_images": len(image_features), "num_texts": len(texts),
+           **metrics.retrieval_recalls(image_features, text_features, torch.arange(len(image_features)), text_group)}
+    return out, text_features[first]
+
+
 def shift_metrics(model, eval_transform, cfg: EvalConfig, class_weights, labels, scale, progress,
                   reference=None, temperature=None) -> Dict:
     """Zero-shot metrics on every corrupted copy of the split: {corruption: {severity: {...}}}."""
@@ -181,7 +214,7 @@ def shift_metrics(model, eval_transform, cfg: EvalConfig, class_weights, labels,
     for corruption in cfg.corruptions:
         out[corruption] = {}
         for severity in cfg.severities:
-            samples = iter_samples(cfg.dataset, cfg.split, cfg.max_samples)
+            samples = open_eval_set(cfg.dataset, cfg.split).samples(cfg.max_samples)
             feats = encode_images(model, eval_transform, samples, cfg.batch_size, corruption, severity)
             m = classification_metrics(feats, class_weights, labels, scale, cfg.ece_bins, reference, temperature,
                                        cfg.consistency_ks)
@@ -208,7 +241,7 @@ def robustness_summary(clean_top1: float, shift: Dict) -> Dict[str, float]:
 def headline(results: Dict) -> Dict[str, float]:
     """The flat scalars compared across runs (metric bars, compare table)."""
     flat: Dict[str, float] = {}
-    for section, keys in (("zero_shot", ("top1", "top5", "ece", "nll", "ece_ts", "nll_ts", "consistency")),
+    for section, keys in (("zero_shot", ("top1", "top5", "mean_per_class_recall", "ece", "nll", "ece_ts", "nll_ts", "consistency")),
                           ("retrieval", ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")),
                           ("embedding", ("alignment", "uniformity_union", "modality_gap", "C_in", "C_cross")),
                           ("robustness", ("shifted_top1", "relative"))):

@@ -32,6 +32,8 @@ class Sample:
     image: Image.Image
     label: Optional[int]
     caption: Optional[str]
+    captions: Optional[List[str]] = None
+    """All captions of the image where a dataset has several (CLIP_benchmark retrieval sets); else None."""
 
 
 def iter_samples(folder: str | Path, split: str, max_samples: int = 0,
@@ -142,10 +144,17 @@ def encode_texts(model, tokenizer: Callable, texts: Sequence[str], batch_size: i
 @torch.no_grad()
 def zero_shot_weights(model, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str],
                       batch_size: int = 256) -> torch.Tensor:
-    """One unit vector per class: the renormalised mean of its prompt embeddings (the prompt ensemble)."""
-    prompts = [t.format(c) for c in classnames for t in templates]
+    """One unit vector per class: the renormalised mean of its prompt embeddings (the prompt ensemble; CLIP,
+    Radford et al. 2021, and CLIP_benchmark's zero_shot_classifier). A template names the class as ``{}`` or, in
+    CLIP_benchmark's files, ``{c}``."""
+    prompts = [fill_template(t, c) for c in classnames for t in templates]
     feats = encode_texts(model, tokenizer, prompts, batch_size).view(len(classnames), len(templates), -1)
     return F.normalize(feats.mean(dim=1), dim=-1)
+
+
+def fill_template(template: str, classname: str) -> str:
+    """``template`` with the class name in its ``{}`` or ``{c}`` slot."""
+    return template.format(classname, c=classname)
 
 
 def logit_scale_of(model) -> float:
@@ -179,23 +188,44 @@ def resolve_model_name(config_json: dict, fallback: str) -> str:
     return name
 
 
+def _export_folder(path: Path) -> Tuple[Path, Optional[Path]]:
+    """(export folder in the hub layout, its run folder or None) for a RUN_DIR or an export folder."""
+    from train.model.hub import CONFIG_FILE, RETIRED_FILES, is_export_dir
+
+    if is_export_dir(path):
+        return path, (path.parent if path.name == "export" and (path.parent / "config.yaml").is_file() else None)
+    if is_export_dir(path / "export"):
+        return path / "export", path
+    folder = path / "export" if (path / "export").is_dir() else path
+    if (folder / RETIRED_FILES[0]).is_file():
+        raise EvalInputError(f"{folder} holds a model.pt export, a layout this version no longer reads: re-export "
+                             f"it with `python -m train.export {path}` (writes {CONFIG_FILE} + safetensors)")
+    raise EvalInputError(f"{folder}/{CONFIG_FILE} not found: is {path} a finished run? (`python -m train.export "
+                         f"{path}` exports its latest checkpoint)")
+
+
 def load_model(checkpoint: str | Path, model_name: str = "", model_config: str = "",
                device: str = "cpu") -> Tuple[torch.nn.Module, Callable, Callable, Optional[Path]]:
-    """(model in eval mode, eval transform, tokenizer, run dir or None) from RUN_DIR or a weights file.
-
-    A RUN_DIR holds ``export/model.pt`` (plain open_clip state dict) and ``export/model_config.json``.
-    """
-    path, run_dir = Path(checkpoint), None
+    """(model in eval mode, eval transform, tokenizer, run dir or None) from a RUN_DIR, an export folder in
+    open_clip's hub layout (train/model/hub.py) or a bare weights file (with ``model_name`` or
+    ``model_config``). A RUN_DIR or export folder loads exactly as ``open_clip.create_model_and_transforms(
+    "local-dir:FOLDER")`` loads it, with the preprocessing the run trained with."""
+    path = Path(checkpoint)
     if path.is_dir():
-        run_dir, weights = path, path / "export" / "model.pt"
-        model_config = model_config or str(path / "export" / "model_config.json")
-        if not weights.is_file():
-            raise EvalInputError(f"{weights} not found: is {path} a finished run? (`python -m train.export {path}` "
-                                 "exports its latest checkpoint)")
-    else:
-        weights = path
-        if not weights.is_file():
-            raise EvalInputError(f"checkpoint {weights} not found (a RUN_DIR with export/, or a weights file)")
+        export, run_dir = _export_folder(path)
+        import open_clip
+
+        try:
+            model, _, eval_transform = open_clip.create_model_and_transforms(f"local-dir:{export}", device=device)
+        except (RuntimeError, ValueError, KeyError, OSError) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            raise EvalInputError(f"{export}: not a loadable open_clip export: {' '.join(lines[:2])[:200]}") from None
+        model.eval()
+        return model, eval_transform, open_clip.get_tokenizer(f"local-dir:{export}"), run_dir
+    weights, run_dir = path, None
+    if not weights.is_file():
+        raise EvalInputError(f"checkpoint {weights} not found (a RUN_DIR with export/, an export folder, or a "
+                             "weights file)")
     if model_config:
         try:
             config_json = json.loads(Path(model_config).read_text())

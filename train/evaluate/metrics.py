@@ -27,6 +27,18 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] 
     return out
 
 
+def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    """Recall of each class that occurs in ``labels``, averaged over those classes (balanced accuracy).
+
+    ``pred``, ``labels``: (N,) class indices. CLIP_benchmark's third classification metric, computed there with
+    scikit-learn's ``balanced_accuracy_score`` (classes only predicted, never true, do not count).
+    """
+    classes, counts = labels.unique(return_counts=True)
+    hits = torch.zeros(int(labels.max()) + 1, dtype=torch.float64).index_add_(
+        0, labels, (pred == labels).double())[classes]
+    return (hits / counts).mean().item()
+
+
 def recall_at_k(similarity: torch.Tensor, relevant: torch.Tensor, ks: Iterable[int] = (1, 5, 10),
                 chunk: int = 1024) -> Dict[int, float]:
     """Recall@k for queries (rows) against a gallery (columns).

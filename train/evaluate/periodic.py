@@ -1,7 +1,8 @@
-"""A light evaluation the trainer runs every N steps on a small held-out split.
+"""Light evaluations the trainer runs while it trains: a small held-out split of its own data
+(``evaluate_model``), and zero-shot classification on standard sets (``zero_shot``, logging.zeroshot).
 
-One clean pass, no corruptions, no files: returns flat scalars the trainer logs to metrics.jsonl and
-TensorBoard (prefix them, e.g. ``eval/zero_shot_top1``). Works on any model with ``encode_image`` and
+One clean pass, no corruptions, no files: each returns flat scalars the trainer logs to metrics.jsonl,
+TensorBoard and wandb (prefixed, e.g. ``eval/zero_shot_top1``, ``zeroshot/imagenet/top1``). Works on any model with ``encode_image`` and
 ``encode_text`` (a DeepSpeed engine is unwrapped to its module); the model's train/eval mode is restored.
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ from common.shard_folder import read_manifest
 
 from . import metrics
 from .config import DEFAULT_TEMPLATES
-from .core import retrieval_groups
+from .core import retrieval_groups, templates_for
 from .data import encode_images, encode_texts, iter_samples, logit_scale_of, zero_shot_weights
+from .datasets import EvalSet
 
 
 def evaluate_model(model, tokenizer: Callable, eval_transform: Callable, dataset_folder: str, split: str = "val",
@@ -32,6 +34,38 @@ def evaluate_model(model, tokenizer: Callable, eval_transform: Callable, dataset
                              classnames, templates or DEFAULT_TEMPLATES, batch_size)
     finally:
         module.train(was_training)
+
+
+def zero_shot(model, tokenizer: Callable, eval_transform: Callable, eval_set: EvalSet, max_samples: int = 1000,
+              templates: Sequence[str] = (), batch_size: int = 128) -> Dict[str, float]:
+    """Zero-shot top-1, top-5 and mean per-class recall on the first ``max_samples`` samples of a classification
+    set (either format), with its own class names and templates unless ``templates`` is given. The metrics are
+    the evaluator's (and CLIP_benchmark's) on the same samples."""
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            cast = _CastInputs(module)
+            labels = []
+
+            def recorded():
+                for s in eval_set.samples(max_samples):
+                    labels.append(s.label)
+                    yield s
+
+            feats = encode_images(cast, eval_transform, recorded(), batch_size)
+            if not eval_set.classnames or any(lab is None for lab in labels):
+                raise ValueError(f"{eval_set.location}: not a classification set (class names and a label per sample)")
+            weights = zero_shot_weights(cast, tokenizer, eval_set.classnames,
+                                        templates_for(templates, eval_set), batch_size)
+    finally:
+        module.train(was_training)
+    logits = feats @ weights.T
+    target = torch.tensor(labels)
+    acc = metrics.topk_accuracy(logits, target, (1, 5))
+    return {"top1": acc[1], "top5": acc[5], "mean_per_class_recall": metrics.mean_per_class_recall(
+        logits.argmax(dim=1), target), "num_samples": float(len(target))}
 
 
 class _CastInputs:

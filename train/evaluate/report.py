@@ -28,10 +28,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+FORMAT_NAMES = {"manifest": "dataset folder", "clip_benchmark": "CLIP_benchmark webdataset format"}
+
+
 def eval_markdown(results: Dict, title: str = "Evaluation") -> str:
     ds = results["dataset"]
     parts = [f"# {title}", "",
-             f"Dataset `{ds['folder']}`, split `{ds['split']}`: {ds['num_samples']} samples, "
+             f"Dataset `{ds['folder']}` ({FORMAT_NAMES.get(ds.get('format'), 'dataset folder')}), "
+             f"split `{ds['split']}`: {ds['num_samples']} samples, "
              f"{ds['num_classes']} classes. Logit scale {results['model']['logit_scale']:.2f}.", ""]
     if "zero_shot" in results:
         zs = results["zero_shot"]
@@ -41,8 +45,9 @@ def eval_markdown(results: Dict, title: str = "Evaluation") -> str:
                       "in-modal top-1 is the k-NN vote's accuracy at k = 10." if knn else
                       "Consistency (fallback, not CyCLIP's definition: no reference_dataset given): the zero-shot "
                       "prediction agrees with the nearest leave-one-out class prototype of the evaluated images.")
-        header = ["top-1", "top-5", "ECE (15 bins)" if len(results["calibration"]["count"]) == 15 else "ECE", "NLL"]
-        row = [zs["top1"], zs["top5"], zs["ece"], zs["nll"]]
+        header = ["top-1", "top-5", "mean per-class recall",
+                  "ECE (15 bins)" if len(results["calibration"]["count"]) == 15 else "ECE", "NLL"]
+        row = [zs["top1"], zs["top5"], zs.get("mean_per_class_recall", math.nan), zs["ece"], zs["nll"]]
         if "temperature" in zs:
             header += ["T (fitted on val)", "ECE after T", "NLL after T"]
             row += [zs["temperature"], zs["ece_ts"], zs["nll_ts"]]

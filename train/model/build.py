@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -10,6 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from train.config import CONFIG_DIR, ModelConfig
+from train.model.hub import export_model_cfg, hub_config, weights_file
 
 
 def register_model_configs(config_file: Optional[str] = None) -> None:
@@ -48,7 +48,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Tuple[t
         name = Path(cfg.config_file).stem  # what open_clip registered it as (ModelConfig sets name to it too)
     else:
         register_model_configs()
-    local_weights = cfg.pretrained if cfg.pretrained and os.path.isfile(cfg.pretrained) else None
+    local_weights = weights_file(cfg.pretrained) if cfg.pretrained else None    # a file, or an export folder's
     tag = None if local_weights or not cfg.pretrained else cfg.pretrained
     model, train_transform, eval_transform = open_clip.create_model_and_transforms(
         name, pretrained=tag, device=device, force_image_size=cfg.force_image_size,
@@ -90,6 +90,11 @@ def export_state_dict(state_dict: Dict[str, torch.Tensor], max_logit_scale: floa
     return out
 
 
-def write_model_config(path: str | os.PathLike, name: str) -> None:
-    """The pure open_clip config (``open_clip.add_model_config(path)`` registers it as its file stem)."""
-    Path(path).write_text(json.dumps(model_config_dict(name), indent=2))
+def export_config(model: torch.nn.Module, cfg: ModelConfig) -> dict:
+    """``open_clip_config.json`` of a model built from ``cfg``: its architecture as trained (force_image_size and
+    model_kwargs applied) and its eval preprocessing (train/model/hub.py)."""
+    if cfg.config_file:
+        register_model_configs(cfg.config_file)
+    else:
+        register_model_configs()
+    return hub_config(model, export_model_cfg(model_config_dict(cfg.name), cfg.force_image_size, cfg.model_kwargs))

@@ -79,7 +79,9 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def exported(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "export" / "model.pt", map_location="cpu", weights_only=True)
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "export" / "open_clip_model.safetensors")
 
 
 LOSS_TERMS = ("loss", "clip", "cyclip_in", "cyclip_cross")
@@ -90,7 +92,6 @@ def test_bf16_two_ranks_train_checkpoint_resume_and_export(runs, stage, tmp_path
     import open_clip
 
     from train.core.export import export_checkpoint
-    from train.model.build import register_model_configs
 
     run_dir = runs.resumed(stage)
     log = (runs.root / f"bf16_zero{stage}_resumed.rank0.log").read_text()
@@ -105,12 +106,10 @@ def test_bf16_two_ranks_train_checkpoint_resume_and_export(runs, stage, tmp_path
     # the export holds the fp32 master weights: equal to the offline export of the final checkpoint
     live = exported(run_dir)
     assert all(v.dtype == torch.float32 for v in live.values())
-    offline = torch.load(export_checkpoint(run_dir / "checkpoints" / f"step_{STEPS:08d}", tmp_path / "offline"),
-                         weights_only=True)
+    offline = exported(export_checkpoint(run_dir / "checkpoints" / f"step_{STEPS:08d}", tmp_path / "offline" / "export").parent)
     assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
-    # open_clip loads it on a CPU, and it computes finite features
-    register_model_configs()
-    model, _, preprocess = open_clip.create_model_and_transforms("tiny_vit", pretrained=str(run_dir / "export" / "model.pt"))
+    # open_clip loads it on a CPU (its hub layout), and it computes finite features
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run_dir / 'export'}")
     assert torch.equal(model.visual.conv1.weight, live["visual.conv1.weight"])
     with torch.no_grad():
         features = model.encode_image(torch.rand(2, 3, 32, 32))

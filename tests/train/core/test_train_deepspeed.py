@@ -125,7 +125,9 @@ def sample_keys(run_dir: Path, rank: int) -> dict[int, list[str]]:
 
 
 def exported(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "export" / "model.pt", map_location="cpu", weights_only=True)
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "export" / "open_clip_model.safetensors")
 
 
 def assert_same_trajectory(a: list[dict], b: list[dict]) -> None:
@@ -231,21 +233,19 @@ def test_finetune_from_export_on_a_corrupt_shard(runs, tmp_path):
     from train.config import DataConfig
     from train.data.loader import build_loader
     from train.core.export import export_checkpoint
-    from train.model.build import register_model_configs
-
     pretrained = runs.ref_1rank()
     # the live export equals the export rebuilt offline from the sharded checkpoint (python -m train.export)
-    offline = export_checkpoint(pretrained / "checkpoints" / "step_00000012", tmp_path / "offline")
-    offline_sd = torch.load(offline, weights_only=True)
+    offline = export_checkpoint(pretrained / "checkpoints" / "step_00000012", tmp_path / "offline" / "export")
+    offline_sd = exported(offline.parent)
     assert_weights_close(offline_sd, exported(pretrained), 0.0)
-    register_model_configs()
-    model, _, _ = open_clip.create_model_and_transforms("tiny_vit", pretrained=str(offline))
+    assert (offline / "open_clip_config.json").read_text() == (pretrained / "export" / "open_clip_config.json").read_text()
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{offline}")    # open_clip's hub layout
     assert torch.equal(model.visual.conv1.weight, offline_sd["visual.conv1.weight"])
     # corrupt data: one undecodable JPEG in shard 0, shard 1 truncated to a third
     bad = corrupt_copy(runs.data, tmp_path / "bad")
     name = "finetune"
     args = ["--config", str(ROOT / "configs" / "finetune_m2mix.yaml"), f"data.path={bad}",
-            f"run.run_dir={runs.root / name}", f"model.pretrained={pretrained / 'export' / 'model.pt'}",
+            f"run.run_dir={runs.root / name}", f"model.pretrained={pretrained / 'export'}",
             "data.global_batch_size=16", "optim.steps=6", "optim.warmup_steps=1", "checkpoint.every_steps=100",
             "logging.progress_bar=false", "logging.tensorboard=false", "logging.eval_every_steps=3",
             "logging.eval_max_samples=16"]

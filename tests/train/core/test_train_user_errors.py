@@ -68,6 +68,8 @@ CASES = {
     "resume folder that is not a checkpoint": (["run.resume={tmp}"], ["run.resume={tmp}", "not a complete checkpoint"]),
     "missing pretrained export": (["model.pretrained={tmp}/runs/pre/export/model.pt"],
                                   ["model.pretrained={tmp}/runs/pre/export/model.pt", "python -m train.export"]),
+    "missing pretrained export folder": (["model.pretrained={tmp}/runs/pre/export"],
+                                         ["model.pretrained={tmp}/runs/pre/export", "python -m train.export"]),
     # values that passed the preflight and crashed later (fresh-user report, item 3)
     "unknown model name": (["model.name=ViT-Nope"], ["model.name=ViT-Nope", "not an open_clip model"]),
     "pretrained file that is not weights": ([f"model.pretrained={ROOT / 'README.md'}"],
@@ -80,7 +82,7 @@ CASES = {
 }
 # A path the user gave that cannot be used is an InputError ("error: ..."), not a config error.
 PATH_CASES = {"missing dataset folder", "folder without manifest", "missing resume checkpoint",
-              "resume folder that is not a checkpoint", "missing pretrained export",
+              "resume folder that is not a checkpoint", "missing pretrained export", "missing pretrained export folder",
               "pretrained file that is not weights", "run dir that is a file", "run dir below a file"}
 # Every numeric bound of train/config.py: (key=value, the message). The reference is the bound the test states.
 BOUNDS = [

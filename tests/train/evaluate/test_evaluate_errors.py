@@ -25,7 +25,14 @@ def error_cases(trained, tmp_path: Path) -> tuple[dict, Path]:
     run, no_export = tmp_path / "run", tmp_path / "not_a_run"
     write_run(run, model, log, {}, seed=0)
     no_export.mkdir()
-    weights, garbage, other_arch = run / "export" / "model.pt", tmp_path / "garbage.pt", tmp_path / "other.json"
+    weights, garbage, other_arch = (run / "export" / "open_clip_model.safetensors", tmp_path / "garbage.pt",
+                                    tmp_path / "other.json")
+    retired = tmp_path / "retired"    # a run exported before the hub layout: export/model.pt + model_config.json
+    (retired / "export").mkdir(parents=True)
+    torch.save(model.state_dict(), retired / "export" / "model.pt")
+    broken_export = tmp_path / "broken_export"    # the hub layout, but its config is not JSON
+    shutil.copytree(run / "export", broken_export)
+    (broken_export / "open_clip_config.json").write_text("{model_cfg")
     garbage.write_bytes(b"not a torch file")
     other_arch.write_text(json.dumps({**TINY_CFG, "embed_dim": 16}))
     ok = [f"dataset={data}", "split=val"]
@@ -62,14 +69,17 @@ def error_cases(trained, tmp_path: Path) -> tuple[dict, Path]:
         "wrong type": (["--checkpoint", str(run), *ok, "max_samples=many"], "max_samples"),
         "split not in manifest": (["--checkpoint", str(run), f"dataset={data}", "split=test"], "no split 'test'"),
         "missing checkpoint": (["--checkpoint", str(tmp_path / "gone")], "not found"),
-        "run dir without export": (["--checkpoint", str(no_export), *ok], "export/model.pt not found"),
+        "run dir without export": (["--checkpoint", str(no_export), *ok], "open_clip_config.json not found"),
+        "export in the retired model.pt layout": (["--checkpoint", str(retired), *ok], "python -m train.export"),
+        "export folder with a damaged config": (["--checkpoint", str(broken_export), *ok],
+                                                "not a loadable open_clip export"),
         "missing reference_dataset": (["--checkpoint", str(run), *ok, f"reference_dataset={tmp_path}/nope"],
                                       "reference_dataset="),
         "reference split missing": (["--checkpoint", str(run), *ok, f"reference_dataset={data}",
                                      "calibration_split=holdout"], "no split 'holdout'"),
         "bare weights, no model": (["--checkpoint", str(weights), *ok], "model_name="),
         "unknown model": (["--checkpoint", str(weights), *ok, "model_name=NoSuchNet"], "not an open_clip model"),
-        "not a weights file": (["--checkpoint", str(garbage), *ok, f"model_config={run}/export/model_config.json"],
+        "not a weights file": (["--checkpoint", str(garbage), *ok, f"model_config={run}/export/open_clip_config.json"],
                                "not a PyTorch state-dict file"),
         "weights of another architecture": (["--checkpoint", str(weights), *ok, f"model_config={other_arch}"],
                                             "does not fit model"),

@@ -103,8 +103,11 @@ def hyperparameters(run_dir: Path) -> Dict[str, str]:
                      + (", w/(epoch+1)" if loss.get("mix_weight_schedule") == "inverse_epoch" else ""))
     if loss.get("clip_logit_scale"):
         terms.append(f"fixed CLIP scale {loss.clip_logit_scale:g}")
-    # a fine-tuning's init is RUNS/<pretraining run>/export/model.pt
-    init = Path(cfg.model.pretrained).parent.parent.name if cfg.model.pretrained else "random"
+    # a fine-tuning's init is RUNS/<pretraining run>/export (or, written before the hub layout, export/model.pt)
+    init = "random"
+    if cfg.model.pretrained:
+        weights = Path(cfg.model.pretrained)
+        init = (weights.parent if weights.name == "export" else weights.parent.parent).name
     return {"steps": str(cfg.optim.steps), "global batch": str(cfg.data.global_batch_size),
             "lr": f"{cfg.optim.lr:g}", "warmup": str(cfg.optim.warmup_steps),
             "weight decay": f"{cfg.optim.weight_decay:g}", "init": init,

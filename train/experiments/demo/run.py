@@ -35,6 +35,7 @@ from common.config_loader import load_config
 from common.jobs import resume_overrides
 from common.net import free_port
 from common.paths import REPO_ROOT
+from train.model.hub import WEIGHTS_FILE
 from train.experiments.demo.config import DemoConfig
 
 ROOT = REPO_ROOT
@@ -94,7 +95,7 @@ def finetune_runs(cfg: DemoConfig, out: Path, seeds: List[int], init: str = "", 
         for m in methods:
             for s in seeds:
                 init_run = source if init else f"pretrain_{source}_s{s}"
-                weights = out / "runs" / init_run / "export" / "model.pt"
+                weights = out / "runs" / init_run / "export"    # open_clip's hub layout (train/model/hub.py)
                 name = f"{prefix}_{m}_from_{source if not init else 'best'}_s{s}"
                 runs.append(Run(name, str(FINETUNE[m]), [f"data.path={cfg.data}", f"model.pretrained={weights}",
                                                          *cfg.finetune_overrides, *extra, f"run.seed={s}"]))
@@ -180,7 +181,7 @@ def evaluate_run(run_dir: Path, dataset: Path, split: str, max_samples: int, bat
 
     out = run_dir / ("eval" if split == "test" else f"eval_{split}")
     result, stamp = out / "eval.json", out / "demo_eval_args.json"
-    model = run_dir / "export" / "model.pt"
+    model = run_dir / "export" / WEIGHTS_FILE
     args = ["--checkpoint", str(run_dir), f"dataset={dataset}", f"split={split}", f"max_samples={max_samples}",
             f"batch_size={batch_size}", "device=cpu", f"out_dir={out}"] + ([] if shifted else ["corruptions=[]"])
     if reference is not None:    # the papers' metrics: k-NN consistency over train embeddings, T fitted on val

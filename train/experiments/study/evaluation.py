@@ -16,14 +16,15 @@ import torch
 
 from pipeline.demo.source import CLASSNAMES
 from train.evaluate import metrics
-from train.evaluate.config import EvalConfig
+from train.evaluate.config import DEFAULT_TEMPLATES, EvalConfig
 from train.evaluate.core import (RELEVANCE_TEXT, classification_metrics, embedding_metrics, retrieval_groups,
                                  robustness_summary)
 from train.evaluate.data import Sample, encode_images, encode_texts, logit_scale_of, zero_shot_weights
 
 from .lib import SHIFTS, Preprocess, Split
 
-EVAL = EvalConfig()    # the evaluator's defaults: templates, ECE bins, k of the k-NN consistency
+EVAL = EvalConfig()    # the evaluator's defaults: ECE bins, k of the k-NN consistency
+TEMPLATES = EVAL.templates or DEFAULT_TEMPLATES    # what the evaluator uses on a dataset without its own
 BATCH = 2000
 
 
@@ -43,7 +44,7 @@ def encode(model, preprocess: Preprocess, split: Split, count: Optional[int] = N
 
 def class_weights(model, tokenizer) -> torch.Tensor:
     """10×d zero-shot classifier: the evaluator's prompt ensemble over the Fashion-MNIST class names."""
-    return zero_shot_weights(model, tokenizer, CLASSNAMES, EVAL.templates, BATCH)
+    return zero_shot_weights(model, tokenizer, CLASSNAMES, TEMPLATES, BATCH)
 
 
 def val_top1(model, tokenizer, preprocess: Preprocess, data: Dict[str, Split]) -> float:
@@ -96,7 +97,7 @@ def evaluate_model(model, tokenizer, preprocess: Preprocess, data: Dict[str, Spl
     out = {"dataset": {"folder": "study (in memory)", "split": "test", "num_samples": len(feats),
                        "num_classes": len(CLASSNAMES)},
            "model": {"logit_scale": scale}, "calibration": clean.pop("calibration"),
-           "zero_shot": {**clean, "num_templates": len(EVAL.templates), "chance_top1": 1 / len(CLASSNAMES)},
+           "zero_shot": {**clean, "num_templates": len(TEMPLATES), "chance_top1": 1 / len(CLASSNAMES)},
            **caption_metrics(model, tokenizer, feats, test)}
     if shifted:
         shift: Dict[str, Dict[str, Dict]] = {}
