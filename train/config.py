@@ -238,6 +238,8 @@ class ZeroShotSet:
     """Prompt templates (``{}`` or ``{c}`` = class name); empty = the dataset's own, else the evaluator's default."""
     batch_size: int = 128
     """Images or prompts per forward pass."""
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    """fsspec options for a remote ``path`` (e.g. an S3 endpoint and keys); empty = fsspec's defaults."""
 
     def due(self, step: int, last_step: int) -> bool:
         return step == last_step or (self.every_steps > 0 and step % self.every_steps == 0)

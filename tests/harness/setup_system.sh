@@ -5,7 +5,8 @@ set -euo pipefail
 need=()
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
 # The throw-away SLURM cluster of the orchestration tests (slurm/cluster.sh).
-for pkg in slurmctld slurmd slurm-client munge; do
+# strace: the offline-wandb test checks that a training run opens no connection off the machine.
+for pkg in slurmctld slurmd slurm-client munge strace; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 [ ${#need[@]} -eq 0 ] && exit 0

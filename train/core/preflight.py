@@ -55,7 +55,7 @@ def check_zeroshot_sets(cfg: TrainConfig) -> None:
 
     for i, zs in enumerate(cfg.logging.zeroshot):
         what = f"logging.zeroshot[{i}].path"
-        eval_set = open_eval_set(zs.path, zs.split, what)
+        eval_set = open_eval_set(zs.path, zs.split, what, zs.storage_options or None)
         if eval_set.task == "retrieval" or not eval_set.classnames:
             raise InputError(f"{what}={zs.path}: not a classification set (it needs class names: classnames.txt "
                              f"beside it{'; this is a retrieval set' if eval_set.task == 'retrieval' else ''})")

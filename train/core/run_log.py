@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from pathlib import Path
 from typing import List, Optional
@@ -57,6 +58,8 @@ def start_wandb(run_dir: Path, cfg, resumed: bool, config: dict):
     """A wandb run in ``RUN_DIR/wandb/``: the one named in RUN_DIR/wandb_run_id when this run resumes from a
     checkpoint, else a new one (whose id is written there first). ``step`` is its x-axis, so steps redone
     after a crash are logged again instead of being refused as going backwards."""
+    if cfg.mode != "online":    # wandb's error reporting (Sentry) resolves its server even offline
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
     import wandb
 
     id_file = run_dir / WANDB_ID_FILE

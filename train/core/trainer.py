@@ -183,7 +183,8 @@ class Trainer:
         from train.evaluate.datasets import open_eval_set
 
         if zs.name not in self._zeroshot_sets:
-            self._zeroshot_sets[zs.name] = open_eval_set(zs.path, zs.split, f"logging.zeroshot {zs.name}: path")
+            self._zeroshot_sets[zs.name] = open_eval_set(zs.path, zs.split, f"logging.zeroshot {zs.name}: path",
+                                                         zs.storage_options or None)
         return self._zeroshot_sets[zs.name]
 
     # ---------------------------------------------------------------- loop

@@ -58,7 +58,7 @@ def _split_size(folder: str, split: str, what: str) -> int:
 
 def check_inputs(cfg: EvalConfig) -> None:
     """The dataset folders and splits a user names, checked before the (slow) model load."""
-    eval_set = open_eval_set(cfg.dataset, cfg.split)
+    eval_set = open_eval_set(cfg.dataset, cfg.split, storage_options=cfg.storage_options or None)
     missing = [p for p in eval_set.shard_urls if not is_remote(p) and not os.path.isfile(p.removeprefix("file://"))]
     if missing and eval_set.format == "clip_benchmark":
         raise EvalInputError(f"dataset={cfg.dataset}: shard {missing[0]} of split '{cfg.split}' is missing "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List
+from typing import Any, ClassVar, Dict, List
 
 from common.errors import ConfigError, InputError
 from common.validation import Choice, Range, Rule, check_bounds
@@ -35,6 +35,9 @@ class EvalConfig:
     zeroshot_classification_templates.txt; train/evaluate/datasets.py)."""
     split: str = "test"
     """Split of the dataset folder to evaluate on (never a training split)."""
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    """fsspec options for a remote ``dataset`` (e.g. ``{key, secret, client_kwargs: {endpoint_url}}`` for an S3
+    endpoint); empty = fsspec's defaults (AWS_* environment variables, ~/.aws)."""
     max_samples: int = 0
     """Evaluate on the first N samples of the split (0 = all)."""
     classnames: List[str] = field(default_factory=list)

@@ -130,7 +130,7 @@ def evaluate(model, eval_transform: Callable, tokenizer: Callable, cfg: EvalConf
     t0 = time.perf_counter()
     model.eval()
     scale = cfg.logit_scale or logit_scale_of(model)
-    eval_set = open_eval_set(cfg.dataset, cfg.split)
+    eval_set = open_eval_set(cfg.dataset, cfg.split, storage_options=cfg.storage_options or None)
     recorder = _Recorder(eval_set.samples(cfg.max_samples))
     image_features = encode_images(model, eval_transform, iter(recorder), cfg.batch_size)
     n = len(image_features)
@@ -214,7 +214,8 @@ def shift_metrics(model, eval_transform, cfg: EvalConfig, class_weights, labels,
     for corruption in cfg.corruptions:
         out[corruption] = {}
         for severity in cfg.severities:
-            samples = open_eval_set(cfg.dataset, cfg.split).samples(cfg.max_samples)
+            samples = open_eval_set(cfg.dataset, cfg.split, storage_options=cfg.storage_options or None).samples(
+                cfg.max_samples)
             feats = encode_images(model, eval_transform, samples, cfg.batch_size, corruption, severity)
             m = classification_metrics(feats, class_weights, labels, scale, cfg.ece_bins, reference, temperature,
                                        cfg.consistency_ks)

@@ -54,7 +54,8 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Tuple[t
         name, pretrained=tag, device=device, force_image_size=cfg.force_image_size,
         aug_cfg={"scale": (cfg.aug_scale_min, 1.0)}, nonscalar_logit_scale=True, **cfg.model_kwargs)
     if local_weights:
-        open_clip.load_checkpoint(model, local_weights, weights_only=True, device=device)
+        # to CPU first (safetensors takes a device string, not a torch.device); load_state_dict copies to device
+        open_clip.load_checkpoint(model, str(local_weights), weights_only=True, device="cpu")
     tokenizer = open_clip.get_tokenizer(name)
     return model, train_transform, eval_transform, tokenizer
 

@@ -10,6 +10,11 @@ CLIP_benchmark's webdataset format and the run's own dataset folder. The referen
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,9 +122,6 @@ def test_tensorboard_gets_the_zero_shot_tags(tracked):
 
 
 def test_a_zero_shot_set_that_is_not_a_classification_set_is_one_line(tracked, tmp_path):
-    import subprocess
-    import sys
-
     retrieval = tmp_path / "ret"
     (retrieval / "test").mkdir(parents=True)
     (retrieval / "test" / "nshards.txt").write_text("1\n")
@@ -132,3 +134,34 @@ def test_a_zero_shot_set_that_is_not_a_classification_set_is_one_line(tracked, t
                                f"logging.zeroshot={value}"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], (value, proc.stderr[-2000:])
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (make setup-system installs it)")
+def test_offline_wandb_opens_no_connection_off_the_machine(tracked, tmp_path):
+    """A whole 1-rank training with wandb offline and a zero-shot set, under strace: every connect() goes to a
+    local socket or 127.0.0.1 (the process group's store). The one exception is torch's own reverse lookup of
+    127.0.0.1 (a PTR query for 1.0.0.127.in-addr.arpa, made by any run with or without wandb): a DNS query
+    for any other name (wandb's error reporting asks for its server's address, even offline) fails the test."""
+    trace = tmp_path / "connect.trace"
+    args = [a for a in tracked.args("offline") if not a.startswith("zero.stage")] + ["optim.steps=2",
+                                                                                   f"run.run_dir={tmp_path / 'run'}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.run(["strace", "-f", "-qq", "-s", "256", "-e", "trace=connect,sendto,sendmmsg", "-o",
+                           str(trace), sys.executable, "-m", "train", *args],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert offline_runs(tmp_path / "run")[0]["project"] == "tracking-test"
+    dns, outside, queries = set(), [], []
+    for line in trace.read_text().splitlines():
+        pid, _, call = line.partition(" ")
+        connect = re.match(r"connect\((\d+), \{sa_family=AF_INET6?, (.*)", call)
+        if connect:
+            if "htons(53)" in call:
+                dns.add((pid, connect.group(1)))
+            elif not re.search(r'inet_addr\("127\.|inet_pton\(AF_INET6, "(::1|::ffff:127\.)', call):
+                outside.append(line)
+        sent = re.match(r"send(?:to|mmsg)\((\d+), (.*)", call)
+        if sent and (pid, sent.group(1)) in dns:
+            queries.append(sent.group(2))
+    assert not outside, outside[:5]
+    assert all(r"\0011\0010\0010\003127\7in-addr\4arpa" in q for q in queries), queries[:3]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.s3_server import SeaweedS3, weed_binary
 from pipeline.demo.http_server import LoopbackServer
 from tests.harness.clip_benchmark_sets import (fashion_mnist, held_out_digits, make_classification_set,
                                                make_retrieval_set, run_clip_benchmark)
@@ -82,13 +83,20 @@ def test_retrieval_with_several_captions_agrees_with_clip_benchmark(export, sets
     assert retrieval["i2t_R@10"] > retrieval["i2t_R@1"] > 0
 
 
-def test_remote_benchmark_set_reads_like_the_local_one(export, sets):
-    """The same folder over loopback HTTP (as from a Hugging Face dataset repo) gives the same numbers."""
+def test_remote_benchmark_set_reads_like_the_local_one(export, sets, tmp_path):
+    """The same folder over loopback HTTP (as from a Hugging Face dataset repo) and on the real SeaweedFS S3
+    server gives the same numbers as on local disk."""
     local = ours(export, sets["fashion"])
     with LoopbackServer(sets["fashion"].parent) as server:
-        remote = ours(export, server.url(sets["fashion"].name))
-    assert remote["dataset"]["num_samples"] == local["dataset"]["num_samples"] == 600
-    assert remote["zero_shot"] == local["zero_shot"] and remote["dataset"]["format"] == "clip_benchmark"
+        remotes = [ours(export, server.url(sets["fashion"].name))]
+    if weed_binary() is not None:
+        with SeaweedS3(tmp_path / "weed") as s3:
+            url = s3.upload(sets["fashion"], "bench", "wds_fashion")
+            remotes.append(ours(export, url, storage_options=s3.storage_options))
+    assert len(remotes) == 2 or weed_binary() is None
+    for remote in remotes:
+        assert remote["dataset"]["num_samples"] == local["dataset"]["num_samples"] == 600
+        assert remote["zero_shot"] == local["zero_shot"] and remote["dataset"]["format"] == "clip_benchmark"
 
 
 def test_user_templates_and_classnames_override_the_dataset_s(export, sets):

@@ -48,8 +48,10 @@ def grey_samples(folder, split, max_samples=0, storage_options=None):
 
 def test_study_evaluation_equals_the_evaluator(tmp_path, monkeypatch):
     import train.evaluate.core
+    import train.evaluate.datasets
 
-    monkeypatch.setattr(train.evaluate.core, "iter_samples", grey_samples)
+    monkeypatch.setattr(train.evaluate.core, "iter_samples", grey_samples)       # the reference splits
+    monkeypatch.setattr(train.evaluate.datasets, "iter_samples", grey_samples)   # the evaluated split
     folder = make_digits_dataset(tmp_path / "digits", n_train=96, n_val=48, shard_size=32)
     train_split, _ = split_of(folder, "train")
     test, keys = split_of(folder, "val")
@@ -67,7 +69,7 @@ def test_study_evaluation_equals_the_evaluator(tmp_path, monkeypatch):
     theirs = evaluate(model, preprocess.eval_transform, tokenizer, cfg)
     mine, reference = leaves(ours), leaves(theirs)
     # Where the images came from differs (a shard folder's val split here, the study's in-memory test split).
-    ignored = {"seconds", "dataset.folder", "dataset.split"}
+    ignored = {"seconds", "dataset.folder", "dataset.split", "dataset.format"}
     missing = set(reference) - set(mine) - ignored
     assert not missing, sorted(missing)    # every key the evaluator writes, with the evaluator's names
     assert {"retrieval_label.i2t_R@1", "robustness.shifted_ece"} <= set(mine)
