@@ -163,7 +163,7 @@ class Trainer:
         """The evaluations due at ``step`` (logging.eval_every_steps and each logging.zeroshot set), as flat
         metrics; {} when none is due. A pure function of the step, so resume does not move them. Every rank
         runs them: under ZeRO-3 a forward needs all of them."""
-        from train.evaluate.periodic import evaluate_model, zero_shot
+        from train.evaluate.periodic import EvalReadError, evaluate_model, zero_shot
 
         cfg, out = self.cfg.logging, {}
         every, last = cfg.eval_every_steps, self.cfg.optim.steps
@@ -173,18 +173,31 @@ class Trainer:
             out.update({f"eval/{name}": float(value) for name, value in results.items()})
         for zs in cfg.zeroshot:
             if zs.due(step, last):
-                results = zero_shot(self.engine, self.tokenizer, self.eval_transform, self._zeroshot_set(zs),
-                                    zs.max_samples, zs.templates, zs.batch_size)
+                try:
+                    results = zero_shot(self.engine, self.tokenizer, self.eval_transform, self._zeroshot_set(zs),
+                                        zs.max_samples, zs.templates, zs.batch_size, self.agree.any)
+                except EvalReadError as err:    # every rank is here: skipped together, the run goes on
+                    log.warning("step %d: zero-shot set %s skipped: %s", step, zs.name, err)
+                    out[f"zeroshot/{zs.name}/skipped"] = 1.0
+                    continue
                 out.update({f"zeroshot/{zs.name}/{name}": float(value) for name, value in results.items()})
         return out
 
     def _zeroshot_set(self, zs):
-        """The opened dataset of a logging.zeroshot entry (its class names and templates read once)."""
+        """The opened dataset of a logging.zeroshot entry (its class names and templates read once). A set that
+        fails to open on any rank is an EvalReadError on every rank (agreed on, so none waits for the others)."""
         from train.evaluate.datasets import open_eval_set
+        from train.evaluate.periodic import EvalReadError
 
+        error = None
         if zs.name not in self._zeroshot_sets:
-            self._zeroshot_sets[zs.name] = open_eval_set(zs.path, zs.split, f"logging.zeroshot {zs.name}: path",
-                                                         zs.storage_options or None)
+            try:
+                self._zeroshot_sets[zs.name] = open_eval_set(zs.path, zs.split, f"logging.zeroshot {zs.name}: path",
+                                                             zs.storage_options or None)
+            except Exception as err:    # noqa: BLE001 - agreed on below, whatever it is
+                error = err
+        if self.agree.any(error is not None):
+            raise EvalReadError(f"{zs.path}: {error or 'it failed to open on another rank'}")
         return self._zeroshot_sets[zs.name]
 
     # ---------------------------------------------------------------- loop

@@ -36,36 +36,71 @@ def evaluate_model(model, tokenizer: Callable, eval_transform: Callable, dataset
         module.train(was_training)
 
 
+class EvalReadError(RuntimeError):
+    """A zero-shot set could not be read on some rank; every rank skipped the evaluation."""
+
+
 def zero_shot(model, tokenizer: Callable, eval_transform: Callable, eval_set: EvalSet, max_samples: int = 1000,
-              templates: Sequence[str] = (), batch_size: int = 128) -> Dict[str, float]:
+              templates: Sequence[str] = (), batch_size: int = 128,
+              any_rank: Callable[[bool], bool] = lambda flag: flag) -> Dict[str, float]:
     """Zero-shot top-1, top-5 and mean per-class recall on the first ``max_samples`` samples of a classification
     set (either format), with its own class names and templates unless ``templates`` is given. The metrics are
-    the evaluator's (and CLIP_benchmark's) on the same samples."""
+    the evaluator's (and CLIP_benchmark's) on the same samples.
+
+    Every rank reads the same samples. ``any_rank(flag)`` (a collective: True on every rank if it is True on
+    one) is asked before each batch whether some rank failed to read it, so that all ranks run the same
+    forwards (ZeRO-3 gathers parameters in them) and a shard that fails on one rank makes every rank stop the
+    evaluation together (EvalReadError), not hang in a collective the failed rank never joins.
+    """
     module = getattr(model, "module", model)
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
             cast = _CastInputs(module)
-            labels = []
-
-            def recorded():
-                for s in eval_set.samples(max_samples):
-                    labels.append(s.label)
-                    yield s
-
-            feats = encode_images(cast, eval_transform, recorded(), batch_size)
-            if not eval_set.classnames or any(lab is None for lab in labels):
+            feats, labels = [], []
+            batches = _batches(eval_set.samples(max_samples), eval_transform, batch_size)
+            while True:
+                try:
+                    batch, error = next(batches, None), None
+                except Exception as err:    # noqa: BLE001 - any read failure is agreed on, then raised below
+                    batch, error = None, err
+                if any_rank(error is not None):
+                    raise EvalReadError(f"{eval_set.location}: {error or 'a shard failed on another rank'}")
+                if batch is None:
+                    break
+                images, batch_labels = batch
+                feats.append(torch.nn.functional.normalize(cast.encode_image(images.to(_device(module))), dim=-1)
+                             .float().cpu())
+                labels += batch_labels
+            if not feats or not eval_set.classnames or any(lab is None for lab in labels):
                 raise ValueError(f"{eval_set.location}: not a classification set (class names and a label per sample)")
             weights = zero_shot_weights(cast, tokenizer, eval_set.classnames,
                                         templates_for(templates, eval_set), batch_size)
     finally:
         module.train(was_training)
-    logits = feats @ weights.T
+    logits = torch.cat(feats) @ weights.T
     target = torch.tensor(labels)
     acc = metrics.topk_accuracy(logits, target, (1, 5))
     return {"top1": acc[1], "top5": acc[5], "mean_per_class_recall": metrics.mean_per_class_recall(
         logits.argmax(dim=1), target), "num_samples": float(len(target))}
+
+
+def _batches(samples, transform: Callable, batch_size: int):
+    """(images (B, 3, H, W), labels) batches of eval-transformed samples."""
+    images, labels = [], []
+    for s in samples:
+        images.append(transform(s.image.convert("RGB")))
+        labels.append(s.label)
+        if len(images) == batch_size:
+            yield torch.stack(images), labels
+            images, labels = [], []
+    if images:
+        yield torch.stack(images), labels
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 class _CastInputs:

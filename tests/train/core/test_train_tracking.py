@@ -165,3 +165,23 @@ def test_offline_wandb_opens_no_connection_off_the_machine(tracked, tmp_path):
             queries.append(sent.group(2))
     assert not outside, outside[:5]
     assert all(r"\0011\0010\0010\003127\7in-addr\4arpa" in q for q in queries), queries[:3]
+
+
+def test_a_set_that_fails_on_one_rank_is_skipped_by_all_ranks_not_a_hang(tracked, tmp_path):
+    """Under ZeRO-3 every forward is a collective. A zero-shot shard that fails to read on rank 1 only (a `pipe:`
+    source that truncates it there, as a flaky object store would) must not leave rank 0 waiting in a forward
+    rank 1 never joins: both agree, skip the set at that step (``zeroshot/NAME/skipped``), and train on."""
+    flaky = (f'pipe:if [ "$RANK" = 1 ] && [ "{{}}" = "test/1.tar" ]; then head -c 3000 {tracked.cb}/{{}}; '
+             f'else cat {tracked.cb}/{{}}; fi')
+    zeroshot = (f"[{{name: flaky, path: '{flaky}', every_steps: 1, batch_size: 20}}, "
+                f"{{name: good, path: {tracked.cb}, every_steps: 2, batch_size: 20}}]")
+    name = "flaky"
+    args = [a for a in tracked.args(name, "optim.steps=2") if not a.startswith("logging.wandb")]
+    args.append(f"logging.zeroshot={zeroshot}")
+    procs = launch_ranks(tracked.root, name, 2, args)
+    assert wait_ranks(procs, 300) == [0, 0], f"see {tracked.root}/{name}.rank*.log"
+    by_step = zeroshot_by_step(tracked.root / name)
+    assert by_step[1] == {"zeroshot/flaky/skipped": 1.0}
+    assert by_step[2]["zeroshot/flaky/skipped"] == 1.0 and by_step[2]["zeroshot/good/num_samples"] == 100
+    log1 = (tracked.root / f"{name}.rank1.log").read_text()
+    assert "zero-shot set flaky skipped" in log1 and "test/1.tar" in log1
