@@ -76,7 +76,9 @@ def _restore_strings(tp, value, texts: Dict[Tuple, str], path: Tuple, source: st
     """``value`` (plain containers) with every bool/int/float that sits in a str field of schema
     type ``tp`` replaced by its text as written (from ``texts``)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union:  # Optional[X]: an empty value stays None
+        if value is None:
+            return None
         non_none = [a for a in args if a is not type(None)]
         return _restore_strings(non_none[0], value, texts, path, source) if len(non_none) == 1 else value
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):
@@ -87,6 +89,8 @@ def _restore_strings(tp, value, texts: Dict[Tuple, str], path: Tuple, source: st
         return [_restore_strings(args[0], v, texts, path + (i,), source) for i, v in enumerate(value)]
     if origin in (dict, typing.Dict) and isinstance(value, dict) and len(args) == 2:
         return {k: _restore_strings(args[1], v, texts, path + (k,), source) for k, v in value.items()}
+    if tp is str and value is None:    # `key=` or `key:` with nothing after it: the empty string
+        return ""
     if tp is str and isinstance(value, (bool, int, float)):
         text = texts.get(path)
         if text is None:

@@ -215,3 +215,18 @@ def test_edge_values_that_can_be_meant_are_accepted(override):
     key, text = override.split("=", 1)
     cfg = load_config(IngestConfig, None, [override])
     assert get_field(cfg, key) == yaml.safe_load(text)
+
+
+def test_an_empty_value_is_the_empty_string_for_a_str_field_and_none_for_an_optional_one(tmp_path):
+    """`logging.wandb.project=` (wandb off) or `project:` with nothing after it: a str field gets "", not a type
+    error about None; an Optional field (model.pretrained) stays None."""
+    from train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, None, ["logging.wandb.project=", "model.pretrained=", "logging.wandb.name=x"])
+    assert (cfg.logging.wandb.project, cfg.model.pretrained, cfg.logging.wandb.name) == ("", None, "x")
+    path = tmp_path / "c.yaml"
+    path.write_text("logging:\n  wandb:\n    project:\n    entity: team\nmodel:\n  pretrained:\n")
+    cfg = load_config(TrainConfig, str(path), [])
+    assert (cfg.logging.wandb.project, cfg.logging.wandb.entity, cfg.model.pretrained) == ("", "team", None)
+    with pytest.raises(ConfigError, match="optim.steps"):    # a number still needs a number
+        load_config(TrainConfig, None, ["optim.steps="])
