@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -110,7 +111,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
     # The preprocess config is read off a model built as the run built it (random weights: only its config counts).
     from train.model.build import build_model
 
-    model = build_model(dataclasses.replace(model_cfg, pretrained=None))[0]
+    logging.disable(logging.WARNING)    # open_clip's "initialized randomly": true, and beside the point here
+    try:
+        model = build_model(dataclasses.replace(model_cfg, pretrained=None))[0]
+    finally:
+        logging.disable(logging.NOTSET)
     return _write(state_dict, out, model, model_cfg, cfg["optim"]["max_logit_scale"],
                   {"step": state["step"], "source": str(path)})
 

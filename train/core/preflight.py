@@ -51,6 +51,8 @@ def preflight(cfg: TrainConfig, world_size: int) -> Optional[dict]:
 
 def check_zeroshot_sets(cfg: TrainConfig) -> None:
     """Each logging.zeroshot set must open (either format) and be a classification set with class names."""
+    from train.evaluate.core import templates_for
+    from train.evaluate.data import fill_template
     from train.evaluate.datasets import open_eval_set
 
     for i, zs in enumerate(cfg.logging.zeroshot):
@@ -59,6 +61,8 @@ def check_zeroshot_sets(cfg: TrainConfig) -> None:
         if eval_set.task == "retrieval" or not eval_set.classnames:
             raise InputError(f"{what}={zs.path}: not a classification set (it needs class names: classnames.txt "
                              f"beside it{'; this is a retrieval set' if eval_set.task == 'retrieval' else ''})")
+        for template in templates_for(zs.templates, eval_set):    # a bad {...} fails here, not at its first step
+            fill_template(template, eval_set.classnames[0])
 
 
 def check_run_dir(cfg: TrainConfig) -> None:

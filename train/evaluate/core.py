@@ -8,7 +8,7 @@ import torch
 
 from . import metrics
 from .config import DEFAULT_TEMPLATES, EvalConfig, EvalInputError
-from .data import Sample, encode_images, encode_texts, iter_samples, logit_scale_of, zero_shot_weights
+from .data import EmptySplitError, Sample, encode_images, encode_texts, iter_samples, logit_scale_of, zero_shot_weights
 from .datasets import EvalSet, open_eval_set
 
 RELEVANCE_TEXT = {
@@ -132,7 +132,10 @@ def evaluate(model, eval_transform: Callable, tokenizer: Callable, cfg: EvalConf
     scale = cfg.logit_scale or logit_scale_of(model)
     eval_set = open_eval_set(cfg.dataset, cfg.split, storage_options=cfg.storage_options or None)
     recorder = _Recorder(eval_set.samples(cfg.max_samples))
-    image_features = encode_images(model, eval_transform, iter(recorder), cfg.batch_size)
+    try:
+        image_features = encode_images(model, eval_transform, iter(recorder), cfg.batch_size)
+    except EmptySplitError:
+        raise EvalInputError(f"dataset={cfg.dataset}: split '{cfg.split}' has no samples") from None
     n = len(image_features)
     progress(f"encoded {n} clean images")
     classnames = list(cfg.classnames) or eval_set.classnames

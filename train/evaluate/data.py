@@ -26,6 +26,10 @@ from .corruptions import corrupt
 from .config import EvalInputError
 
 
+class EmptySplitError(ValueError):
+    """encode_images was given no images."""
+
+
 @dataclass
 class Sample:
     key: str
@@ -127,7 +131,7 @@ def encode_images(model, transform: Callable, samples: Iterator[Sample], batch_s
     if batch:
         flush()
     if not feats:
-        raise ValueError("no images to encode (empty split?)")
+        raise EmptySplitError("no images to encode (empty split?)")
     return torch.cat(feats)
 
 
@@ -153,8 +157,12 @@ def zero_shot_weights(model, tokenizer: Callable, classnames: Sequence[str], tem
 
 
 def fill_template(template: str, classname: str) -> str:
-    """``template`` with the class name in its ``{}`` or ``{c}`` slot."""
-    return template.format(classname, c=classname)
+    """``template`` with the class name in its ``{}`` or ``{c}`` slot; EvalInputError for any other ``{...}``."""
+    try:
+        return template.format(classname, c=classname)
+    except (KeyError, IndexError, ValueError) as err:
+        raise EvalInputError(f"template {template!r}: only '{{}}' or '{{c}}' may stand for the class name "
+                             f"({type(err).__name__}: {err}); write a literal brace as '{{{{' or '}}}}'") from None
 
 
 def logit_scale_of(model) -> float:

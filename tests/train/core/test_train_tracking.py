@@ -128,7 +128,8 @@ def test_a_zero_shot_set_that_is_not_a_classification_set_is_one_line(tracked, t
     (retrieval / "dataset_type.txt").write_text("retrieval\n")
     cases = {f"[{{name: r, path: {retrieval}}}]": "not a classification set",
              f"[{{name: gone, path: {tmp_path / 'gone'}}}]": "logging.zeroshot[0].path",
-             f"[{{name: v, path: {tracked.cb}, split: val}}]": "no val/nshards.txt"}
+             f"[{{name: v, path: {tracked.cb}, split: val}}]": "no val/nshards.txt",
+             f"[{{name: t, path: {tracked.cb}, templates: ['a {{x}} of {{c}}']}}]": "may stand for the class name"}
     for value, expected in cases.items():
         proc = subprocess.run([sys.executable, "-m", "train", "--dry-run", *tracked.args("dry"),
                                f"logging.zeroshot={value}"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)

@@ -140,6 +140,16 @@ def _broken(sets: dict, tmp_path: Path) -> dict:
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
     cases["label not an integer"] = (d, "split=test", "not an integer label")
+    d = copy("empty")
+    for tar in (d / "test").glob("*.tar"):
+        tar.unlink()
+    with tarfile.open(d / "test" / "0.tar", "w"):
+        pass
+    (d / "test" / "nshards.txt").write_text("1\n")
+    cases["an empty shard"] = (d, "split=test", "has no samples")
+    d = copy("label_too_large")
+    (d / "classnames.txt").write_text("\n".join(f"class {i}" for i in range(5)) + "\n")
+    cases["a label beyond the class names"] = (d, "split=test", "only 5 class names")
     return cases
 
 
