@@ -234,3 +234,24 @@ def test_temperature_scaling_minimises_nll_and_nll_by_hand():
     assert abs(t - brute) < 0.02
     before, after = metrics.calibration_metrics(z, y), metrics.calibration_metrics(z, y, t)
     assert after["nll"] < before["nll"] and after["ece"] < 0.3 * before["ece"]
+
+
+def test_mean_per_class_recall_equals_scikit_learn_balanced_accuracy():
+    """CLIP_benchmark computes it with sklearn's balanced_accuracy_score: classes that are only predicted, never
+    true, do not count; every class that occurs among the labels weighs the same."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    from train.evaluate.metrics import mean_per_class_recall
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n, c = int(torch.randint(1, 60, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g))
+        labels, pred = torch.randint(0, c, (n,), generator=g), torch.randint(0, c + 2, (n,), generator=g)
+        with warnings.catch_warnings():    # sklearn warns about predicted-only classes
+            warnings.simplefilter("ignore")
+            expected = balanced_accuracy_score(labels.numpy(), pred.numpy())
+        assert abs(mean_per_class_recall(pred, labels) - expected) < 1e-12
+    # by hand: class 0 has 2 of 3 right, class 2 has 1 of 1; class 1 is predicted but never true
+    assert mean_per_class_recall(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 0, 0, 2])) == (2 / 3 + 1) / 2
