@@ -92,6 +92,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
     from train.core.checkpoint import LATEST, CheckpointManager
 
     path = Path(checkpoint)
+    if path.name == LATEST and path.is_file():    # RUN_DIR/checkpoints/latest: the checkpoint it names
+        path = path.parent / path.read_text().strip()
     if (path / "checkpoints" / LATEST).is_file():
         path = path / "checkpoints" / (path / "checkpoints" / LATEST).read_text().strip()
     check_export_source(path)

@@ -20,7 +20,8 @@ RELEVANCE_TEXT = {
     "label": "a text is relevant to every image of the same class label as the text's own image",
     "clip_benchmark": "each image has several captions (a CLIP_benchmark retrieval set); a text is relevant only "
                       "to its own image. i2t R@k: an image counts if any of its captions is among its k nearest "
-                      "texts; t2i R@k: averaged over all texts (CLIP_benchmark's zeroshot_retrieval)",
+                      "texts; t2i R@k: averaged over all texts; ties (identical captions) fall in torch.topk's "
+                      "order (CLIP_benchmark's zeroshot_retrieval)",
 }
 
 
@@ -153,9 +154,10 @@ def evaluate(model, eval_transform: Callable, tokenizer: Callable, cfg: EvalConf
     class_weights = labels = None
     if has_labels and classnames:
         labels = torch.tensor(recorder.labels)
-        if int(labels.max()) >= len(classnames) or int(labels.min()) < 0:
-            raise EvalInputError(f"dataset={cfg.dataset}: label {int(labels.max())} but only {len(classnames)} "
-                                 "class names")
+        bad = labels[(labels < 0) | (labels >= len(classnames))]
+        if len(bad):
+            raise EvalInputError(f"dataset={cfg.dataset}: label {int(bad[0])} outside 0..{len(classnames) - 1} "
+                                 f"({len(classnames)} class names; {len(bad)} such samples)")
         class_weights = zero_shot_weights(model, tokenizer, classnames, templates, cfg.batch_size)
         reference, temperature = reference_inputs(model, eval_transform, tokenizer, cfg, class_weights, scale, progress)
         clean = classification_metrics(image_features, class_weights, labels, scale, cfg.ece_bins, reference,
@@ -206,7 +208,7 @@ def benchmark_retrieval(model, tokenizer, image_features: torch.Tensor, captions
     first = torch.tensor([0] + [len(caps) for caps in captions[:-1]]).cumsum(0)
     out = {"relevance": "clip_benchmark", "relevance_definition": RELEVANCE_TEXT["clip_benchmark"],
            "num_images": len(image_features), "num_texts": len(texts),
-           **metrics.retrieval_recalls(image_features, text_features, torch.arange(len(image_features)), text_group)}
+           **metrics.benchmark_recalls(image_features, text_features, text_group)}
     return out, text_features[first]
 
 

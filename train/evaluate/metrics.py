@@ -27,6 +27,27 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] 
     return out
 
 
+def benchmark_recalls(image_features: torch.Tensor, text_features: torch.Tensor, text_image: torch.Tensor,
+                      ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """Recall@k both ways for a gallery of several texts per image, as CLIP_benchmark computes it
+    (``metrics/zeroshot_retrieval.py``): scores S = T Iᵀ (texts × images); text→image R@k = the share of texts whose
+    image is among ``torch.topk(S[t], k)``; image→text R@k = the share of images with one of their texts among
+    ``torch.topk(Sᵀ[i], k)``. Ties (identical captions have identical embeddings) fall as ``torch.topk`` orders
+    them, as in CLIP_benchmark, not in the query's favour as ``recall_at_k`` counts them.
+
+    ``image_features`` (I, d) and ``text_features`` (T, d) L2-normalised; ``text_image`` (T,): each text's image.
+    """
+    scores = text_features @ image_features.T
+    images = torch.arange(len(image_features))
+    out = {}
+    for k in ks:
+        k_img, k_txt = min(k, scores.shape[1]), min(k, scores.shape[0])
+        t2i = (scores.topk(k_img, dim=1).indices == text_image[:, None]).any(dim=1)
+        i2t = (text_image[scores.T.topk(k_txt, dim=1).indices] == images[:, None]).any(dim=1)
+        out[f"i2t_R@{k}"], out[f"t2i_R@{k}"] = i2t.double().mean().item(), t2i.double().mean().item()
+    return {key: out[key] for key in sorted(out, key=lambda name: (name[:3], int(name.split("@")[1])))}
+
+
 def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor) -> float:
     """Recall of each class that occurs in ``labels``, averaged over those classes (balanced accuracy).
 

@@ -59,7 +59,8 @@ def zero_shot(model, tokenizer: Callable, eval_transform: Callable, eval_set: Ev
         with torch.no_grad():
             cast = _CastInputs(module)
             feats, labels = [], []
-            batches = _batches(eval_set.samples(max_samples), eval_transform, batch_size)
+            batches = _batches(eval_set.samples(max_samples), eval_transform, batch_size,
+                               len(eval_set.classnames or []))
             while True:
                 try:
                     batch, error = next(batches, None), None
@@ -86,10 +87,13 @@ def zero_shot(model, tokenizer: Callable, eval_transform: Callable, eval_set: Ev
         logits.argmax(dim=1), target), "num_samples": float(len(target))}
 
 
-def _batches(samples, transform: Callable, batch_size: int):
-    """(images (B, 3, H, W), labels) batches of eval-transformed samples."""
+def _batches(samples, transform: Callable, batch_size: int, num_classes: int):
+    """(images (B, 3, H, W), labels) batches of eval-transformed samples; a sample without a label in
+    0..num_classes-1 is a read error (agreed on and skipped like a damaged shard)."""
     images, labels = [], []
     for s in samples:
+        if s.label is None or not 0 <= s.label < num_classes:
+            raise ValueError(f"sample {s.key}: label {s.label} is not one of the {num_classes} classes")
         images.append(transform(s.image.convert("RGB")))
         labels.append(s.label)
         if len(images) == batch_size:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -9,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from train.config import CONFIG_DIR, ModelConfig
-from train.model.hub import export_model_cfg, hub_config, weights_file
+from train.model.hub import CONFIG_FILE as EXPORT_CONFIG, export_model_cfg, hub_config, is_export_dir, weights_file
 
 
 def register_model_configs(config_file: Optional[str] = None) -> None:
@@ -36,9 +37,11 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Tuple[t
     """Create ``(model, train_transform, eval_transform, tokenizer)``.
 
     The model has a 1-element logit_scale (``nonscalar_logit_scale=True``) because DeepSpeed cannot
-    flatten 0-dim parameters. ``pretrained`` that names an existing file is loaded with
-    ``weights_only=True`` (open_clip converts the scalar logit_scale of exported files); anything
-    else is passed to open_clip as a pretrained tag (needs network or open_clip's cache).
+    flatten 0-dim parameters. ``pretrained`` that names an existing file or an export folder
+    (train/model/hub.py) is loaded with ``weights_only=True`` (open_clip converts the scalar logit_scale of
+    exported files); anything else is passed to open_clip as a pretrained tag (needs network or open_clip's
+    cache). An export whose architecture or preprocessing differs from ``cfg``'s (another image size, mean or
+    std) is loaded into ``cfg``'s model, as configured, with a warning naming the differences.
     """
     import open_clip
 
@@ -56,8 +59,29 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Tuple[t
     if local_weights:
         # to CPU first (safetensors takes a device string, not a torch.device); load_state_dict copies to device
         open_clip.load_checkpoint(model, str(local_weights), weights_only=True, device="cpu")
+        if is_export_dir(local_weights.parent):
+            warn_if_export_differs(local_weights.parent, model, cfg)
     tokenizer = open_clip.get_tokenizer(name)
     return model, train_transform, eval_transform, tokenizer
+
+
+def warn_if_export_differs(export: Path, model: torch.nn.Module, cfg: ModelConfig) -> list:
+    """Log a warning for each key of the export's open_clip_config.json that the model built from ``cfg``
+    does not share (e.g. fine-tuning at 32 px from a 48 px export); returns those keys."""
+    saved = json.loads((export / EXPORT_CONFIG).read_text())
+    now = export_config(model, cfg)
+    diffs = [f"{section}.{key}: {saved[section].get(key)} in the export, {now[section].get(key)} here"
+             for section in ("model_cfg", "preprocess_cfg")
+             for key in sorted(set(saved.get(section, {})) | set(now[section]))
+             if _plain(saved.get(section, {}).get(key)) != _plain(now[section].get(key))]
+    for line in diffs:
+        logging.getLogger("train").warning("model.pretrained=%s: %s (set model.* to keep the export's)", export, line)
+    return diffs
+
+
+def _plain(value):
+    """JSON-comparable (tuples as lists)."""
+    return json.loads(json.dumps(value))
 
 
 def _decays(pname: str, ndim: int) -> bool:

@@ -238,6 +238,8 @@ def test_finetune_from_export_on_a_corrupt_shard(runs, tmp_path):
     offline = export_checkpoint(pretrained / "checkpoints" / "step_00000012", tmp_path / "offline" / "export")
     offline_sd = exported(offline.parent)
     assert_weights_close(offline_sd, exported(pretrained), 0.0)
+    via_latest = export_checkpoint(pretrained / "checkpoints" / "latest", tmp_path / "via_latest" / "export")
+    assert_weights_close(exported(via_latest.parent), offline_sd, 0.0)    # `latest` names that same checkpoint
     assert (offline / "open_clip_config.json").read_text() == (pretrained / "export" / "open_clip_config.json").read_text()
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{offline}")    # open_clip's hub layout
     assert torch.equal(model.visual.conv1.weight, offline_sd["visual.conv1.weight"])

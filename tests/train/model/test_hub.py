@@ -4,6 +4,7 @@ model.force_image_size and model.model_kwargs carried over. The reference each t
 built from the same ModelConfig (train.model.build.build_model), compared output for output."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -102,3 +103,21 @@ def test_pretrained_names_an_export_folder_or_its_file(tmp_path):
         again = build_model(ModelConfig(name="tiny_vit", pretrained=pretrained))[0]
         assert all(torch.equal(a, b.reshape(a.shape)) for a, b in zip(model.state_dict().values(),
                                                                       again.state_dict().values()))
+
+
+def test_fine_tuning_from_an_export_of_another_size_says_what_differs(tmp_path, caplog):
+    """model.pretrained names a 48 px export with its own mean/std; the config builds a 32 px model: the weights
+    load into the configured model (open_clip resizes the position embedding), and a warning names each
+    difference, instead of dropping the export's preprocessing silently."""
+    src = ModelConfig(name="tiny_vit", force_image_size=48, model_kwargs={"image_mean": [0.5] * 3, "image_std": [0.25] * 3})
+    model = build_model(src)[0]
+    export = _write(model.state_dict(), tmp_path / "export", model, src, 100.0, {"step": 1})
+    with caplog.at_level("WARNING", logger="train"):
+        build_model(ModelConfig(name="tiny_vit", pretrained=str(export)))
+    lines = [r.getMessage() for r in caplog.records if r.name == "train"]
+    assert any("model_cfg.vision_cfg" in line and "48" in line for line in lines), lines
+    assert any("preprocess_cfg.mean" in line for line in lines) and any("preprocess_cfg.size" in line for line in lines)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="train"):    # the same settings: nothing to say
+        build_model(dataclasses.replace(src, pretrained=str(export)))
+    assert not [r for r in caplog.records if r.name == "train"]
