@@ -9,12 +9,14 @@ CLIP_benchmark's webdataset format and the run's own dataset folder. The referen
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -174,8 +176,18 @@ def test_a_set_that_fails_on_one_rank_is_skipped_by_all_ranks_not_a_hang(tracked
     rank 1 never joins: both agree, skip the set at that step (``zeroshot/NAME/skipped``), and train on."""
     flaky = (f'pipe:if [ "$RANK" = 1 ] && [ "{{}}" = "test/1.tar" ]; then head -c 3000 {tracked.cb}/{{}}; '
              f'else cat {tracked.cb}/{{}}; fi')
+    bad_label = tmp_path / "bad_label"    # one sample labelled -1: not a class (a read error, skipped alike)
+    shutil.copytree(tracked.cb, bad_label)
+    with tarfile.open(bad_label / "test" / "1.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(bad_label / "test" / "1.tar", "w") as tar:
+        for i, (m, data) in enumerate(members):
+            data = b"-1" if m.name.endswith(".cls") and i == 1 else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
     zeroshot = (f"[{{name: flaky, path: '{flaky}', every_steps: 1, batch_size: 20}}, "
-                f"{{name: good, path: {tracked.cb}, every_steps: 2, batch_size: 20}}]")
+                f"{{name: good, path: {tracked.cb}, every_steps: 2, batch_size: 20}}, "
+                f"{{name: bad_label, path: {bad_label}, every_steps: 2}}]")
     name = "flaky"
     args = [a for a in tracked.args(name, "optim.steps=2") if not a.startswith("logging.wandb")]
     args.append(f"logging.zeroshot={zeroshot}")
@@ -184,5 +196,6 @@ def test_a_set_that_fails_on_one_rank_is_skipped_by_all_ranks_not_a_hang(tracked
     by_step = zeroshot_by_step(tracked.root / name)
     assert by_step[1] == {"zeroshot/flaky/skipped": 1.0}
     assert by_step[2]["zeroshot/flaky/skipped"] == 1.0 and by_step[2]["zeroshot/good/num_samples"] == 100
+    assert by_step[2]["zeroshot/bad_label/skipped"] == 1.0
     log1 = (tracked.root / f"{name}.rank1.log").read_text()
     assert "zero-shot set flaky skipped" in log1 and "test/1.tar" in log1

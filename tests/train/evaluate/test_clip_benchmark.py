@@ -141,6 +141,13 @@ def _broken(sets: dict, tmp_path: Path) -> dict:
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
     cases["label not an integer"] = (d, "split=test", "not an integer label")
+    d = copy("negative_label")
+    with tarfile.open(d / "test" / "0.tar", "w") as tar:
+        for m, data in members:
+            data = b"-1" if m.name == member else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    cases["a negative label"] = (d, "split=test", "label -1 outside 0..9")
     d = copy("empty")
     for tar in (d / "test").glob("*.tar"):
         tar.unlink()
@@ -150,7 +157,7 @@ def _broken(sets: dict, tmp_path: Path) -> dict:
     cases["an empty shard"] = (d, "split=test", "has no samples")
     d = copy("label_too_large")
     (d / "classnames.txt").write_text("\n".join(f"class {i}" for i in range(5)) + "\n")
-    cases["a label beyond the class names"] = (d, "split=test", "only 5 class names")
+    cases["a label beyond the class names"] = (d, "split=test", "label 5 outside 0..4")
     return cases
 
 
