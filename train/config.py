@@ -216,6 +216,12 @@ class CheckpointConfig:
     open_clip_model.safetensors; train/model/hub.py), loadable as ``local-dir:RUN_DIR/export``."""
 
 
+def check_templates(templates: List[str], key: str) -> None:
+    """ConfigError naming ``key`` unless every zero-shot prompt template has a slot for the class name."""
+    if any("{}" not in t and "{c}" not in t for t in templates):
+        raise ConfigError(f"{key}: every template needs a '{{}}' (or '{{c}}') for the class name")
+
+
 @dataclass
 class ZeroShotSet:
     """A classification set the trainer evaluates zero-shot while it trains (open_clip_train's --imagenet-val).
@@ -372,8 +378,7 @@ class TrainConfig:
             names.add(zs.name)
             if not zs.path:
                 raise ConfigError(f"{key}.path: the dataset of set '{zs.name}' is missing")
-            if any("{}" not in t and "{c}" not in t for t in zs.templates):
-                raise ConfigError(f"{key}.templates: every template needs a '{{}}' (or '{{c}}') for the class name")
+            check_templates(zs.templates, f"{key}.templates")
 
     def check_world_size(self, world_size: int) -> int:
         """The per-rank batch b = global / world; it must split into accum_freq equal micro-batches."""

@@ -95,6 +95,18 @@ def make_retrieval_set(root: Path, images: Sequence[Tuple[str, bytes]], captions
     return root
 
 
+def replace_member(tar_path: Path, name: str, data: bytes) -> None:
+    """Rewrite one shard with member ``name`` holding ``data`` instead (e.g. a damaged ``.cls`` label)."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    assert any(m.name == name for m, _ in members), f"{tar_path} has no member {name}"
+    with tarfile.open(tar_path, "w") as tar:
+        for m, old in members:
+            new = data if m.name == name else old
+            m.size = len(new)
+            tar.addfile(m, io.BytesIO(new))
+
+
 def run_clip_benchmark(export_dir: Path, dataset_root: Path, task: str, out_json: Path, batch_size: int = 64,
                        recall_k: Sequence[int] = (1, 5, 10), split: str = "test") -> Dict[str, float]:
     """``clip_benchmark eval`` (the installed CLI) on an export folder (``--model local-dir:…``), on the CPU, in

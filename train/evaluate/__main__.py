@@ -48,22 +48,26 @@ def _split_size(folder: str, split: str, what: str) -> int:
         raise EvalInputError(f"{what}={folder} has no split '{split}' (has: {', '.join(sorted(manifest.splits))})")
     # Local shards are stat'ed now, not found missing minutes into the run. Evaluation never skips a missing
     # or damaged shard (the numbers would silently cover fewer samples): data.iter_samples raises too.
-    missing = [p for p in manifest.shard_paths(split) if not is_remote(p) and not os.path.isfile(p)]
+    check_local_shards(manifest.shard_paths(split), f"{what}={folder}", split, "listed in its manifest.json")
+    return manifest.splits[split].num_samples
+
+
+def check_local_shards(urls, what: str, split: str, listed: str) -> None:
+    """EvalInputError naming the first local shard of ``urls`` that is missing (remote ones are read later)."""
+    missing = [p for p in urls if not is_remote(p) and not os.path.isfile(p.removeprefix("file://"))]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise EvalInputError(f"{what}={folder}: shard {missing[0]}{more} of split '{split}' is listed in its "
-                             "manifest.json but missing: restore it or rebuild the dataset")
-    return manifest.splits[split].num_samples
+        raise EvalInputError(f"{what}: shard {missing[0]}{more} of split '{split}' is {listed} but missing: "
+                             "restore it or rebuild the dataset")
 
 
 def check_inputs(cfg: EvalConfig) -> None:
     """The dataset folders and splits a user names, checked before the (slow) model load."""
     eval_set = open_eval_set(cfg.dataset, cfg.split, storage_options=cfg.storage_options or None)
-    missing = [p for p in eval_set.shard_urls if not is_remote(p) and not os.path.isfile(p.removeprefix("file://"))]
-    if missing and eval_set.format == "clip_benchmark":
-        raise EvalInputError(f"dataset={cfg.dataset}: shard {missing[0]} of split '{cfg.split}' is missing "
-                             f"({cfg.split}/nshards.txt counts {len(eval_set.shard_urls)})")
-    if eval_set.format == "manifest":
+    if eval_set.format == "clip_benchmark":
+        check_local_shards(eval_set.shard_urls, f"dataset={cfg.dataset}", cfg.split,
+                           f"counted in {cfg.split}/nshards.txt ({len(eval_set.shard_urls)})")
+    else:
         available = _split_size(cfg.dataset, cfg.split, "dataset")
         if available == 0:
             raise EvalInputError(f"dataset={cfg.dataset}: split '{cfg.split}' has no samples")

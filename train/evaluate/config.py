@@ -6,6 +6,7 @@ from typing import Any, ClassVar, Dict, List
 
 from common.errors import ConfigError, InputError
 from common.validation import Choice, Range, Rule, check_bounds
+from train.config import check_templates
 
 from .corruptions import CORRUPTIONS, SEVERITIES
 
@@ -97,7 +98,6 @@ class EvalConfig:
         unknown = sorted(set(self.corruptions) - set(CORRUPTIONS))
         if unknown:
             raise ConfigError(f"corruptions: unknown {unknown} (known: {sorted(CORRUPTIONS)})")
-        if any("{}" not in t and "{c}" not in t for t in self.templates):
-            raise ConfigError("templates: every template needs a '{}' (or '{c}') for the class name")
+        check_templates(self.templates, "templates")
         if not self.consistency_ks:
             raise ConfigError("consistency_ks must name at least one k")

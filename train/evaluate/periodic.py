@@ -16,7 +16,7 @@ from common.shard_folder import read_manifest
 from . import metrics
 from .config import DEFAULT_TEMPLATES
 from .core import retrieval_groups, templates_for
-from .data import encode_images, encode_texts, iter_samples, logit_scale_of, zero_shot_weights
+from .data import _device_of, encode_images, encode_texts, iter_samples, logit_scale_of, zero_shot_weights
 from .datasets import EvalSet
 
 
@@ -71,7 +71,7 @@ def zero_shot(model, tokenizer: Callable, eval_transform: Callable, eval_set: Ev
                 if batch is None:
                     break
                 images, batch_labels = batch
-                feats.append(torch.nn.functional.normalize(cast.encode_image(images.to(_device(module))), dim=-1)
+                feats.append(torch.nn.functional.normalize(cast.encode_image(images.to(_device_of(module))), dim=-1)
                              .float().cpu())
                 labels += batch_labels
             if not feats or not eval_set.classnames or any(lab is None for lab in labels):
@@ -101,10 +101,6 @@ def _batches(samples, transform: Callable, batch_size: int, num_classes: int):
             images, labels = [], []
     if images:
         yield torch.stack(images), labels
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 class _CastInputs:

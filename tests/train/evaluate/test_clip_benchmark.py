@@ -8,7 +8,6 @@ the same batch size and the dataset's own templates; the numbers must agree with
 """
 from __future__ import annotations
 
-import io
 import shutil
 import tarfile
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from benchmarks.s3_server import SeaweedS3, weed_binary
 from pipeline.demo.http_server import LoopbackServer
 from tests.harness.clip_benchmark_sets import (fashion_mnist, held_out_digits, make_classification_set,
-                                               make_retrieval_set, run_clip_benchmark)
+                                               make_retrieval_set, replace_member, run_clip_benchmark)
 from tests.harness.eval_fixtures import write_run
 from train.evaluate.__main__ import main as evaluate_cli
 from train.evaluate.config import EvalConfig
@@ -132,21 +131,10 @@ def _broken(sets: dict, tmp_path: Path) -> dict:
     (d / "classnames.txt").unlink()
     cases["no class names"] = (d, "split=test", "class names")
     d = copy("bad_label")
-    member = "s0000000.cls"
-    with tarfile.open(d / "test" / "0.tar") as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar]
-    with tarfile.open(d / "test" / "0.tar", "w") as tar:
-        for m, data in members:
-            data = b"seven" if m.name == member else data
-            m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
+    replace_member(d / "test" / "0.tar", "s0000000.cls", b"seven")
     cases["label not an integer"] = (d, "split=test", "not an integer label")
     d = copy("negative_label")
-    with tarfile.open(d / "test" / "0.tar", "w") as tar:
-        for m, data in members:
-            data = b"-1" if m.name == member else data
-            m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
+    replace_member(d / "test" / "0.tar", "s0000000.cls", b"-1")
     cases["a negative label"] = (d, "split=test", "label -1 outside 0..9")
     d = copy("empty")
     for tar in (d / "test").glob("*.tar"):
