@@ -31,6 +31,7 @@ import os
 import re
 import subprocess
 import tarfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -49,7 +50,9 @@ FORMAT_VERSION = 1
 @dataclass
 class ShardInfo:
     path: str
-    """Tar path relative to the dataset folder."""
+    """Tar path relative to the dataset folder, or where the shard lives when it stays outside it (an index of
+    existing shards, ``python -m pipeline index``): an absolute path, a URL (``file://``, ``http(s)://``,
+    ``s3://``, ``gs://``) or a ``pipe:`` command."""
     num_samples: int
     sha256: str = ""
     """Checksum of the tar file (empty if not computed); remote readers verify downloads with it."""
@@ -82,10 +85,8 @@ class Manifest:
     """Absolute folder the manifest was read from (not stored)."""
 
     def shard_paths(self, split: str) -> List[str]:
-        """Absolute tar paths (or URLs, under a remote root) of a split, in order."""
-        if _is_remote(self.root):
-            return [_join_remote(self.root, s.path) for s in self.split(split).shards]
-        return [os.path.join(self.root, s.path) for s in self.split(split).shards]
+        """Absolute tar paths (or URLs, under a remote root or for shards indexed in place) of a split, in order."""
+        return [locate(self.root, s.path) for s in self.split(split).shards]
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -106,6 +107,21 @@ class Manifest:
 
 def _is_remote(root: str) -> bool:
     return root.startswith("pipe:") or ("://" in root and not root.startswith("file://"))
+
+
+def is_absolute(location: str) -> bool:
+    """True for a location that names its file by itself: an absolute path, a URL or a ``pipe:`` command."""
+    return location.startswith(("/", "pipe:")) or "://" in location
+
+
+def locate(root: str, rel: str) -> str:
+    """Where ``rel`` (a manifest's shard or index path) is: ``rel`` itself when it is absolute (``is_absolute``;
+    ``file://`` dropped), else under ``root`` (a folder, a URL, or a ``pipe:`` command whose ``{}`` is ``rel``)."""
+    if is_absolute(rel):
+        return rel.removeprefix("file://")
+    if _is_remote(root):
+        return _join_remote(root, rel)
+    return os.path.join(root.removeprefix("file://"), rel)
 
 
 def _join_remote(root: str, rel: str) -> str:
@@ -204,15 +220,19 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
     """Write the split wids indexes, then manifest.json atomically (it marks the folder complete).
 
     ``fields['image']`` and ``fields['sample_hash']`` are taken from the shards when they record them
-    (the ingestion's reshard does); shards that disagree are an error, not a guess.
+    (the ingestion's reshard does). Shards that disagree on their sample_hash are an error, not a guess;
+    on their image extension (an index of shards made by other tools, ``python -m pipeline index``) the most
+    common one is ``fields['image']`` and each shard keeps its own (readers fall back per sample:
+    ``train.data.decode.image_member``).
     """
     folder = Path(folder)
     for name, attr in (("image", "image_ext"), ("sample_hash", "sample_hash")):
-        found = {getattr(s, attr) for split in manifest.splits.values() for s in split.shards} - {""}
-        if len(found) > 1:
+        found = Counter(getattr(s, attr) for split in manifest.splits.values() for s in split.shards)
+        found.pop("", None)
+        if len(found) > 1 and name == "sample_hash":
             raise ValueError(f"shards disagree on their {attr}: {sorted(found)}; one dataset has one format")
         if found:
-            manifest.fields[name] = found.pop()
+            manifest.fields[name] = found.most_common(1)[0][0]
     for name, split in manifest.splits.items():
         split.wids_index = split.wids_index or f"{name}.wids.json"
         index = {"wids_version": 1, "name": name,

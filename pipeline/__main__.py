@@ -10,6 +10,9 @@
   reshard   --out OUT [--partition P]       final shards (or one partition)
   finalize  --out OUT                       summary.json + manifest.json
   serve     DIR [--port N]                  serve a folder on 127.0.0.1 (for trials with local files)
+  index     --shards SPEC [--shards SPEC ...] --out DIR [--split NAME] [--subset FILE] [workers=N]
+            [storage_options={...}]         a manifest for shards you already have (img2dataset, DataComp,
+                                            LAION, CC12M), read where they are (pipeline/index.py)
 
 A stage run alone reads the config saved in OUT/_work/config.yaml by the first command.
 A user error (missing file, bad column, bad config) ends with one line on stderr and exit code 2;
@@ -129,6 +132,15 @@ def main(argv=None) -> int:
             p.add_argument("--port", type=int, default=18765, help="loopback port of the demo server")
             p.add_argument("--train-per-class", type=int, default=None, help="subset size (default: all)")
             p.add_argument("--test-per-class", type=int, default=None, help="subset size (default: all)")
+    p = sub.add_parser("index", help="a manifest for existing WebDataset shards, read in place")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--shards", action="append", required=True,
+                   help="folder, glob or brace pattern; local, file://, http(s)://, s3://, gs:// or pipe: (repeatable)")
+    p.add_argument("--out", required=True, help="folder for manifest.json and the sample indexes")
+    p.add_argument("--split", default=None, help="split name (default train; also split=NAME)")
+    p.add_argument("--subset", default=None, help="keep only these samples: DataComp .npy uids, .parquet (uid or "
+                   "key column) or text, one id per line")
+    p.add_argument("overrides", nargs="*", help="workers=N, storage_options={...}, split=NAME")
     p = sub.add_parser("serve")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("folder")
@@ -161,6 +173,10 @@ def dispatch(args) -> int | None:
                 time.sleep(3600)
     if args.command == "demo":
         return cmd_demo(args)
+    if args.command == "index":
+        from pipeline.index import main as index_main
+
+        return index_main(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; it must be a dataset folder (new or started by this command)")

@@ -7,6 +7,7 @@ from typing import ClassVar, Dict, List, Optional
 
 from common.errors import ConfigError
 from common.validation import Choice, Range, Rule, check_bounds
+from pipeline.stages.columns import parse_rules, rule_columns
 
 
 @dataclass
@@ -31,6 +32,15 @@ class InputConfig:
     """Extra input columns carried into each sample's .json (e.g. a license or a class label)."""
     csv_block_bytes: int = 64 << 20
     """pyarrow CSV block size; a single field (a huge caption) must fit in one block."""
+    column_filters: List[str] = field(default_factory=list)
+    """Curation rules on input columns, run before download (a rejected row costs no request), each
+    ``COLUMN OP VALUE`` with OP one of >= > <= < == !=, e.g. ["similarity >= 0.28", "punsafe < 0.5",
+    "LANGUAGE == en"]; on the command line input.column_filters='[similarity >= 0.28,LANGUAGE == en]'.
+    >= > <= < need a number; == != compare numbers when the value is a number, else exact text (quote
+    the value to force text). A missing value (null, NaN, absent JSON key, empty text, a non-number
+    for >= > <= <) fails every rule, != included. The columns are read even if not kept; one absent
+    from the input is an error before any download. A row is counted once, in summary.json's
+    filtered as "column:<rule>", under the first rule it fails (pipeline/stages/columns.py)."""
 
 
 @dataclass
@@ -194,6 +204,12 @@ class IngestConfig:
             if missing or len(set(self.input.columns)) != len(self.input.columns):
                 raise ConfigError(f"input.columns {self.input.columns} must name each column once and include "
                                   f"input.url_col / caption_col / keep_columns (missing: {missing})")
+        rules = parse_rules(self.input.column_filters)  # ConfigError for a malformed rule
+        if self.input.columns is not None:
+            absent = [c for c in rule_columns(rules) if c not in self.input.columns]
+            if absent:
+                raise ConfigError(f"input.column_filters names column(s) {absent} that input.columns "
+                                  f"{self.input.columns} does not have")
         r = self.reshard
         for key, name in (("reshard.train_split", r.train_split), ("reshard.val_split", r.val_split)):
             if not name.strip() or "/" in name or name != name.strip():

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 from common.errors import ConfigError
 from common.validation import Choice, Range, Rule, check_bounds
 from common.paths import CONFIGS
+from train.data.config import DataConfig, DataSource, source_name  # noqa: F401 (the schema's data section)
 
 CONFIG_DIR = CONFIGS / "model"
 """This project's open_clip model configs (registered with open_clip by name)."""
@@ -119,41 +120,6 @@ class LossConfig:
 
 
 @dataclass
-class DataConfig:
-    path: str = "data/fmnist"
-    """Dataset folder with manifest.json (the ingestion stage's output)."""
-    split: str = "train"
-    """Manifest split to train on."""
-    global_batch_size: int = 64
-    """Samples per optimizer step over all ranks: the set of negatives of the contrastive loss."""
-    accum_freq: int = 1
-    """Micro-batches per optimizer step on each rank; features are cached so all negatives are kept."""
-    num_workers: int = 1
-    """DataLoader worker processes per rank (decode + augment); 0 decodes in the training process."""
-    streams: int = 0
-    """P, the canonical streams of the order (train/data/shard_order.py). 0 = auto: the largest power of two
-    <= min(64, #shards) dividing global_batch_size. Keep it fixed for a run: the order depends on it.
-    Rule: P divides global_batch_size and the world size divides P (every rank reads P / W streams)."""
-    shuffle_window: int = 4
-    """Shards per shuffle block of a stream: samples are shuffled within blocks of this many shards."""
-    max_substitutions: int = 16
-    """Corrupt samples tried in a row for one batch slot before giving up with an error."""
-    cache_dir: str = ""
-    """Local cache of remote shards (http(s)://, s3://, gs://, pipe:) and of every shard's sample index
-    (16 bytes per sample, shared by the processes of a node); empty = ~/.cache/clip_pipeline/shards."""
-    cache_limit_gb: float = 50.0
-    """Cache size limit in GiB (least recently used shards are evicted); must hold about
-    2 x shuffle_window x P / W shards for the ranks of one node that share it."""
-    retries: int = 3
-    """Extra attempts for a failing remote shard (exponential backoff) before its samples are skipped."""
-    retry_backoff_s: float = 1.0
-    """First retry delay in seconds; doubles on every further attempt."""
-    storage_options: Dict[str, Any] = field(default_factory=dict)
-    """fsspec options for remote paths, e.g. {endpoint_url: http://127.0.0.1:8333} for an S3-compatible
-    store (s3fs also honours AWS_* environment variables)."""
-
-
-@dataclass
 class OptimConfig:
     steps: int = 40
     """Total optimizer steps of the run."""
@@ -214,6 +180,19 @@ class CheckpointConfig:
     export: bool = True
     """Write RUN_DIR/export/ at the end of training: open_clip's hub layout (open_clip_config.json +
     open_clip_model.safetensors; train/model/hub.py), loadable as ``local-dir:RUN_DIR/export``."""
+    remote: str = ""
+    """Copy of the checkpoints on an object store (any fsspec URL, e.g. s3://bucket/prefix; open_clip_train's
+    --remote-sync): rank 0 uploads each complete checkpoint to REMOTE/checkpoints/<name>/ in a background thread,
+    then REMOTE/checkpoints/latest; run.resume=latest in a run_dir without checkpoints downloads what that names
+    (train/core/remote_checkpoint.py). Empty = off."""
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    """fsspec options for ``remote``, e.g. {client_kwargs: {endpoint_url: http://127.0.0.1:8333}, key: ..., secret: ...}
+    for an S3-compatible store (s3fs also honours AWS_* environment variables)."""
+    remote_retries: int = 3
+    """Extra attempts for a failing upload of one file (exponential backoff) before that checkpoint's upload is
+    given up (one log line; training goes on, the remote keeps its previous latest)."""
+    remote_retry_backoff_s: float = 1.0
+    """First upload retry delay in seconds; doubles on every further attempt."""
 
 
 def check_templates(templates: List[str], key: str) -> None:
@@ -283,7 +262,7 @@ class LoggingConfig:
     eval_every_steps: int = 0
     """Run train/evaluate/periodic.py (zero-shot, retrieval, alignment) every this many steps (0 = never)."""
     eval_split: str = "val"
-    """Split of data.path the periodic evaluation reads."""
+    """Split of data.path (of the first of data.sources in a mixture) the periodic evaluation reads."""
     eval_max_samples: int = 512
     """Samples of that split the periodic evaluation uses."""
     zeroshot: List[ZeroShotSet] = field(default_factory=list)
@@ -364,6 +343,21 @@ class TrainConfig:
         if self.optim.min_lr > self.optim.lr:
             raise ConfigError(f"optim.min_lr={self.optim.min_lr} must be <= optim.lr={self.optim.lr}")
         self._validate_zeroshot()
+        self._validate_sources()
+
+    def _validate_sources(self) -> None:
+        names = set()
+        for i, source in enumerate(self.data.sources):
+            key = f"data.sources[{i}]"
+            check_bounds(source, {"weight": Range(low=0, low_open=True)}, f"{key}.")
+            if not source.path:
+                raise ConfigError(f"{key}.path: the dataset of this source is missing")
+            name = source_name(source)
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ConfigError(f"{key}.name={name!r}: give the source a name of letters, digits, '_', '-', '.'")
+            if name in names:
+                raise ConfigError(f"{key}.name={name}: two sources share this name (set data.sources[i].name)")
+            names.add(name)
 
     def _validate_zeroshot(self) -> None:
         names = set()

@@ -18,7 +18,9 @@ Output:
     part-00003.json          counts; written last, so its presence means the part is complete
 
 Every input row gets a row key "PPPPPRRRRRRRRR" (part, row), stable across reruns; it becomes the
-final sample key. Caption rules run here, before download, so rejected rows cost no bandwidth.
+final sample key. Column rules (input.column_filters, pipeline/stages/columns.py), then URL and caption
+rules run here, before download, so rejected rows cost no bandwidth; a row is counted under the first
+rule it fails.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.stages.captions import caption_reason, clean_caption, decode_caption
+from pipeline.stages.columns import ColumnRule, first_failures, parse_rules, require_rule_columns, rule_columns
 from common.atomic_files import atomic_path, atomic_write_text
 from pipeline.settings import IngestConfig
 from common.errors import InputError as UserInputError
@@ -130,7 +133,8 @@ def _require_columns(path: Path, found: List[str], needed: List[str]) -> None:
         raise InputError(f"{path}: missing column(s) {missing}; found {found}. {hint}")
 
 
-def _read_csv(path: Path, fmt: str, cfg: IngestConfig, needed: List[str]) -> pa.Table:
+def _read_csv(path: Path, fmt: str, cfg: IngestConfig, needed: List[str], base: List[str],
+              rules: List[ColumnRule]) -> pa.Table:
     icfg = cfg.input
     read = pacsv.ReadOptions(block_size=icfg.csv_block_bytes, column_names=icfg.columns)
     if fmt == "tsv" and not icfg.tsv_quoting:  # no quoting: a lone quote must never swallow the next lines
@@ -139,8 +143,12 @@ def _read_csv(path: Path, fmt: str, cfg: IngestConfig, needed: List[str]) -> pa.
         parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
     if icfg.columns is None:
         with pacsv.open_csv(path, read_options=read, parse_options=parse) as probe:
-            _require_columns(path, probe.schema.names, needed)
+            _require_columns(path, probe.schema.names, base)
+            require_rule_columns(path, probe.schema.names, rules)
     types = {icfg.url_col: pa.binary(), icfg.caption_col: pa.binary()}
+    # column_filters columns as text: a stray word after the first block must not stop the read
+    # (pyarrow infers types from the first block); columns.py reads numbers out of the text.
+    types.update({c: pa.string() for c in rule_columns(rules) if c not in base})
     try:
         return pacsv.read_csv(path, read_options=read, parse_options=parse,
                               convert_options=pacsv.ConvertOptions(include_columns=needed, column_types=types))
@@ -152,18 +160,22 @@ def _read_csv(path: Path, fmt: str, cfg: IngestConfig, needed: List[str]) -> pa.
 
 
 def read_table(path: Path, cfg: IngestConfig) -> pa.Table:
-    """The url, caption and kept columns of one input file. url and caption stay as raw bytes
-    where the format allows, so invalid UTF-8 becomes a per-row reason instead of a crash."""
+    """The url, caption, kept and column_filters columns of one input file (each once). url and caption
+    stay as raw bytes where the format allows, so invalid UTF-8 becomes a per-row reason instead of a crash."""
     icfg = cfg.input
-    needed = [icfg.url_col, icfg.caption_col, *icfg.keep_columns]
+    base = [icfg.url_col, icfg.caption_col, *icfg.keep_columns]
+    rules = parse_rules(icfg.column_filters)
+    needed = list(dict.fromkeys([*base, *rule_columns(rules)]))
     fmt = detect_format(path, icfg.format)
     try:
         if fmt == "parquet":
-            _require_columns(path, pq.read_schema(path).names, needed)
+            names = pq.read_schema(path).names
+            _require_columns(path, names, base)
+            require_rule_columns(path, names, rules)
             return pq.read_table(path, columns=needed)
         if fmt in ("csv", "tsv"):
-            return _read_csv(path, fmt, cfg, needed)
-        return _read_jsonl(path, needed)
+            return _read_csv(path, fmt, cfg, needed, base, rules)
+        return _read_jsonl(path, needed, rules)
     except InputError:
         raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError) as err:
@@ -186,8 +198,9 @@ def _json_text(value) -> Optional[bytes]:
     return None
 
 
-def _read_jsonl(path: Path, needed: List[str]) -> pa.Table:
+def _read_jsonl(path: Path, needed: List[str], rules: List[ColumnRule] = ()) -> pa.Table:
     columns: Dict[str, list] = {c: [] for c in needed}
+    keys_seen: Dict[str, None] = {}  # in order of first appearance, for the error naming the columns
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -202,12 +215,23 @@ def _read_jsonl(path: Path, needed: List[str]) -> pa.Table:
                 raise InputError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if rules:
+                keys_seen.update(dict.fromkeys(row))
             for c in needed:
                 columns[c].append(row.get(c))
+    if rules and columns[needed[0]]:  # a key no row has; one some rows lack is a missing value there
+        require_rule_columns(path, list(keys_seen), rules)
+    filter_only = set(rule_columns(rules))
     arrays = {}
     for c, values in columns.items():
         if c in needed[:2]:  # url, caption: bytes, so lone surrogates (bad UTF-8) fail decode_caption
             arrays[c] = pa.array([_json_text(v) for v in values], pa.binary())
+        elif c in filter_only:  # mixed types (0.3 and "n/a") are compared cell by cell, as text
+            try:
+                arrays[c] = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+                arrays[c] = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v)
+                                      for v in values], pa.string())
         else:
             arrays[c] = pa.array(values)
     return pa.table(arrays)
@@ -236,17 +260,21 @@ def normalize_part(src: Path, part: int, cfg: IngestConfig, work: Path) -> Dict:
     if clash:
         raise InputError(f"input.keep_columns {sorted(clash)} clash with pipeline column names")
     table = read_table(src, cfg)
+    rules = parse_rules(cfg.input.column_filters)
+    column_reasons = first_failures(table, rules, src)
     fmt = detect_format(src, cfg.input.format)
     check_swallowed = fmt == "csv" or (fmt == "tsv" and cfg.input.tsv_quoting)
     urls = table.column(cfg.input.url_col).to_pylist()
     captions = table.column(cfg.input.caption_col).to_pylist()
-    filtered: Counter = Counter()
+    filtered: Counter = Counter({rule.reason: 0 for rule in rules})  # every rule shows, even at 0
     repaired: Counter = Counter()
     keep_rows, keys, clean_urls, clean_caps = [], [], [], []
     rej_keys, rej_urls, rej_reasons = [], [], []
     for i, (raw_url, raw_caption) in enumerate(zip(urls, captions)):
         key = f"{part:05d}{i:09d}"
         url, reason = _url_and_reason(raw_url)
+        if column_reasons[i] is not None:
+            reason = column_reasons[i]
         caption = None
         if reason is None:
             caption, reason = decode_caption(raw_caption)

@@ -79,18 +79,15 @@ def finalize(n_parts: int, cfg: IngestConfig, work: Path, out: Path) -> Dict:
 
 
 def format_summary(summary: Dict) -> str:
-    """The final table printed at the end of a run."""
-    lines = [f"{'input rows':<34}{summary['input_rows']:>12,}"]
-    for split, n in summary["written_by_split"].items():
-        lines.append(f"{'written: ' + split:<34}{n:>12,}")
-    for group in ("failed", "filtered"):
-        for reason, n in summary[group].items():
-            lines.append(f"{group + ': ' + reason:<34}{n:>12,}")
-    for kind, n in summary["duplicates_by"].items():
-        lines.append(f"{'duplicates: ' + kind:<34}{n:>12,}")
-    for reason, n in summary.get("repaired", {}).items():
-        lines.append(f"{'(kept, repaired: ' + reason + ')':<34}{n:>12,}")
-    rule = "-" * 46
+    """The final table printed at the end of a run (wider when a label is long: column:<rule> reasons)."""
+    rows = [("input rows", summary["input_rows"])]
+    rows += [("written: " + split, n) for split, n in summary["written_by_split"].items()]
+    rows += [(group + ": " + reason, n) for group in ("failed", "filtered") for reason, n in summary[group].items()]
+    rows += [("duplicates: " + kind, n) for kind, n in summary["duplicates_by"].items()]
+    rows += [("(kept, repaired: " + reason + ")", n) for reason, n in summary.get("repaired", {}).items()]
+    width = max([34] + [len(label) + 2 for label, _ in rows])
+    lines = [f"{label:<{width}}{n:>12,}" for label, n in rows]
+    rule = "-" * (width + 12)
     return "\n".join([rule, *lines, rule])
 
 

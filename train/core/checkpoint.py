@@ -17,6 +17,9 @@ Atomicity: every rank writes into ``.partial_step_...``; after a barrier rank 0 
 and only then replaces ``latest`` (write to a temporary file + rename). A kill at any point leaves the
 previous checkpoint and ``latest`` intact; stale partial folders are removed at the next start.
 Requires a filesystem shared by all ranks (as DeepSpeed itself does).
+
+With ``checkpoint.remote`` (train/core/remote_checkpoint.py) rank 0 also uploads each complete checkpoint in the
+background, and run.resume=latest without a local checkpoint downloads the one the remote ``latest`` names.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import torch.distributed as dist
 from common.atomic_files import atomic_write_text
 from common.errors import InputError
 from common.paths import REPO_ROOT
+from train.core.remote_checkpoint import RemoteCheckpoints
 
 LATEST = "latest"
 FRESH = ("", "none")  # run.resume values that start a run from scratch
@@ -92,9 +96,11 @@ class SaveSchedule:
 class CheckpointManager:
     """Saves and loads the DeepSpeed engine plus named components (see the module docstring)."""
 
-    def __init__(self, run_dir: str | os.PathLike, keep_last: int, rank: int):
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int, rank: int,
+                 remote: Optional[RemoteCheckpoints] = None):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last, self.rank = keep_last, rank
+        self.remote = remote if rank == 0 else None  # rank 0 uploads and downloads (the run_dir is shared)
         self.engine = None
         self.states: Dict[str, Stateful] = {}
         self.rank_states: Dict[str, Stateful] = {}
@@ -118,8 +124,11 @@ class CheckpointManager:
         """'' / 'none' -> None; 'latest' -> the newest complete checkpoint or None; else that folder (must exist).
 
         A fresh start ('' / 'none') removes this run folder's old checkpoints (rank 0): the run starts
-        over, and a stale ``latest`` must never be resumed as this run's, nor old steps pruned against it."""
+        over, and a stale ``latest`` must never be resumed as this run's, nor old steps pruned against it.
+        With a remote, 'latest' and no local checkpoint download the remote's latest first (rank 0; all wait)."""
         if resume.lower() in FRESH:
+            if self.remote is not None:
+                self.remote.start_over()
             if self.rank == 0 and any(self.dir.glob("step_*")):
                 logging.getLogger("train").warning("run.resume=%s: starting over, removing the old checkpoints in %s",
                                                    resume or "''", self.dir)
@@ -128,6 +137,9 @@ class CheckpointManager:
                     shutil.rmtree(old, ignore_errors=True)
             return None
         if resume == LATEST:
+            if self.rank == 0 and self.remote is not None and self.latest() is None:
+                self.remote.download_latest(self.dir, LATEST)
+            _barrier()
             return self.latest()
         return complete_checkpoint(resume)
 
@@ -135,6 +147,7 @@ class CheckpointManager:
     def save(self, step: int) -> Path:
         partial = self.dir / (PARTIAL_PREFIX + step_tag(step))
         if self.rank == 0:
+            self.wait_upload()  # the upload in flight reads a folder this save may prune
             shutil.rmtree(partial, ignore_errors=True)
         _barrier()
         self._write_partial(partial)
@@ -142,8 +155,15 @@ class CheckpointManager:
         final = self.dir / step_tag(step)
         if self.rank == 0:
             self._commit(partial, final, step)
+            if self.remote is not None:
+                self.remote.start_upload(final)
         _barrier()
         return final
+
+    def wait_upload(self) -> None:
+        """Wait for the background upload in flight, if any (the end of a run, a stop, the next save)."""
+        if self.remote is not None:
+            self.remote.wait()
 
     def _write_partial(self, partial: Path) -> None:
         """Every rank: its DeepSpeed shards and its per-rank components."""

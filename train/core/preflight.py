@@ -13,11 +13,12 @@ from typing import Optional
 
 from common.config_loader import flat_fields, to_dict
 from common.errors import ConfigError, InputError
-from common.shard_folder import read_manifest
+from common.shard_folder import Manifest, read_manifest
 from train.config import TrainConfig
 from train.model.hub import WEIGHTS_FILE, is_export_dir, weights_file
 
-SHARDS_HINT = "build it with `make shards` (python -m pipeline demo --out DIR, or python -m pipeline run)"
+SHARDS_HINT = ("build it with `make shards` (python -m pipeline demo --out DIR, or python -m pipeline run), or index "
+               "shards you already have with python -m pipeline index --shards SPEC --out DIR")
 
 
 # The keys that define a run: run.resume=latest refuses to continue this run's checkpoint when one of them
@@ -26,8 +27,8 @@ SHARDS_HINT = "build it with `make shards` (python -m pipeline demo --out DIR, o
 # choice), data.accum_freq (feature caching keeps the gradient of the whole batch), zero.stage and the
 # world size (elastic resume), data.num_workers/cache_*/retries/storage_options, model.config_file (its
 # stem is model.name, compared), checkpoint.*, logging.*, run.device/run_dir/stop_after_steps.
-RESUME_KEYS = ("model.", "loss.", "optim.", "data.path", "data.split", "data.global_batch_size", "data.streams",
-               "data.shuffle_window", "run.seed", "zero.precision", "zero.bf16_mode")
+RESUME_KEYS = ("model.", "loss.", "optim.", "data.path", "data.sources", "data.split", "data.global_batch_size",
+               "data.streams", "data.shuffle_window", "run.seed", "zero.precision", "zero.bf16_mode")
 RESUME_FREE = ("optim.steps", "optim.max_nonfinite_steps", "optim.fused_adamw", "model.config_file")
 
 
@@ -77,35 +78,59 @@ def check_run_dir(cfg: TrainConfig) -> None:
 
 
 def check_dataset(cfg: TrainConfig, world_size: int) -> None:
-    from train.data.loader import make_order
+    """One line for a dataset (each source of a mixture) that is not there, lacks a split, or cannot share its
+    global batch among ``world_size`` ranks."""
+    from train.data.mixture import make_data_order
 
-    data = cfg.data
+    data, manifests = cfg.data, []
+    sources = data.datasets()
+    for i, src in enumerate(sources):
+        key = f"data.sources[{i}].path" if data.sources else "data.path"
+        manifests.append(_read_dataset(src.path, key, data.storage_options))
+        splits = [("data.split" if not data.sources else f"data.sources[{i}].split", src.split)]
+        if cfg.logging.eval_every_steps and i == 0:
+            splits.append(("logging.eval_split", cfg.logging.eval_split))
+        for split_key, split in splits:
+            if split not in manifests[-1].splits:
+                raise ConfigError(f"{split_key}={split}: no such split in {src.path} "
+                                  f"(has: {', '.join(sorted(manifests[-1].splits))})")
     try:
-        manifest = read_manifest(data.path, dict(data.storage_options or {}))
-    except FileNotFoundError:
-        if "://" in data.path or data.path.startswith("pipe:"):
-            raise InputError(f"data.path={data.path}: no manifest.json there (not a finished dataset folder)") from None
-        what = "does not exist" if not Path(data.path).exists() else "has no manifest.json (not a finished dataset)"
-        raise InputError(f"data.path={data.path} {what}: {SHARDS_HINT}") from None
-    except (ValueError, KeyError, OSError) as err:  # unreadable or foreign manifest.json, unreachable store
-        raise InputError(f"data.path={data.path}: cannot read its manifest ({' '.join(str(err).split())})") from None
-    splits = [data.split] + ([cfg.logging.eval_split] if cfg.logging.eval_every_steps else [])
-    for key, split in zip(("data.split", "logging.eval_split"), splits):
-        if split not in manifest.splits:
-            raise ConfigError(f"{key}={split}: no such split in {data.path} (has: {', '.join(sorted(manifest.splits))})")
-    try:
-        order = make_order(manifest, data, cfg.run.seed)
+        order = make_data_order(manifests, data, cfg.run.seed)
         order.rank_streams(0, world_size)
     except ValueError as err:
-        size = manifest.split(data.split).num_samples
-        raise ConfigError(f"{' '.join(str(err).split())} (split '{data.split}' of {data.path}: {size} samples, "
-                          f"data.global_batch_size={data.global_batch_size}, {world_size} ranks)") from None
+        sizes = ", ".join(f"split '{s.split}' of {s.path}: {m.split(s.split).num_samples} samples"
+                          for s, m in zip(sources, manifests))
+        raise ConfigError(f"{' '.join(str(err).split())} ({sizes}, data.global_batch_size={data.global_batch_size}, "
+                          f"{world_size} ranks)") from None
+
+
+def _read_dataset(path: str, key: str, storage_options) -> Manifest:
+    try:
+        return read_manifest(path, dict(storage_options or {}))
+    except FileNotFoundError:
+        if "://" in path or path.startswith("pipe:"):
+            raise InputError(f"{key}={path}: no manifest.json there (not a finished dataset folder)") from None
+        what = "does not exist" if not Path(path).exists() else "has no manifest.json (not a finished dataset)"
+        raise InputError(f"{key}={path} {what}: {SHARDS_HINT}") from None
+    except (ValueError, KeyError, OSError) as err:  # unreadable or foreign manifest.json, unreachable store
+        raise InputError(f"{key}={path}: cannot read its manifest ({' '.join(str(err).split())})") from None
 
 
 def check_resume(cfg: TrainConfig) -> Optional[dict]:
-    from train.core.checkpoint import FRESH, LATEST, CheckpointManager, complete_checkpoint, latest_checkpoint
+    """run.resume against RUN_DIR's checkpoints, or (checkpoint.remote, no local checkpoint) the remote's latest.
+    run.resume='' refuses a checkpoint.remote that already holds checkpoints; 'none' starts over (the remote's
+    checkpoints are replaced from this run's first upload on)."""
+    from train.core.checkpoint import (FRESH, LATEST, TRAINER_STATE, CheckpointManager, complete_checkpoint,
+                                       latest_checkpoint)
+    from train.core.remote_checkpoint import checked_pointer, checked_remote
 
+    remote = checked_remote(cfg.checkpoint)
     if cfg.run.resume.lower() in FRESH:
+        pointer = checked_pointer(remote) if remote is not None and cfg.run.resume == "" else None
+        if pointer is not None:
+            raise InputError(f"checkpoint.remote={cfg.checkpoint.remote} already holds checkpoints (latest "
+                             f"{pointer['latest']}): run.resume=latest continues them, run.resume=none starts over "
+                             "and replaces them, or use another checkpoint.remote")
         return None
     if cfg.run.resume != LATEST:  # an explicit checkpoint (e.g. fine-tuning from another run): not compared
         try:
@@ -114,16 +139,22 @@ def check_resume(cfg: TrainConfig) -> Optional[dict]:
             raise InputError(str(err)) from None
         return None
     latest = latest_checkpoint(cfg.run.run_dir)
+    load, where = (lambda: CheckpointManager.load_trainer_state(latest)), cfg.run.run_dir
+    if latest is None and remote is not None:  # a fresh node: the trainer will download the remote's latest
+        pointer = checked_pointer(remote)
+        if pointer is not None:
+            latest = where = f"{remote.url}/checkpoints/{pointer['latest']}"
+            load = lambda: remote.load_torch(pointer["latest"], TRAINER_STATE)  # noqa: E731
     if latest is None:
         return None
     try:
-        saved = CheckpointManager.load_trainer_state(latest)
+        saved = load()
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
         raise InputError(f"run.resume=latest: {latest} is unreadable ({' '.join(str(err).split())[:200]}); "
                           "use a new run.run_dir, or run.resume=none to start over in this one") from None
     changed = changed_run_keys(saved.get("config", {}), to_dict(cfg))
     if changed:
-        raise ConfigError(f"run.resume=latest: {cfg.run.run_dir} was trained with other settings "
+        raise ConfigError(f"run.resume=latest: {where} was trained with other settings "
                           f"({'; '.join(changed)}); use a new run.run_dir, or run.resume=none to start over in "
                           "this one, or pass the old values to continue it")
     step = int(saved.get("step", 0))

@@ -4,7 +4,7 @@ them all by name and no field is listed twice.
 
 - ``TrainProgress``: the counters (step, samples seen, skipped samples, non-finite steps).
 - ``RNGState``: this rank's torch / numpy / python (and CUDA) generators.
-- ``StatefulLoader``: the data position. The sample order is a pure function of (seed, step, world size,
+- ``StatefulLoader``: the data position. The sample order is a pure function of (seed, step, sources,
   manifest) (train/data/loader.py), so the position is the next step plus the order's fingerprint, which a
   resumed run must match.
 """
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from common.config_loader import ConfigError
-from common.shard_folder import read_manifest
 from train.data import loader as data_lib
 
 
@@ -77,8 +76,7 @@ class StatefulLoader:
                  transform: Callable, tokenizer: Callable):
         self.cfg, self.rank, self.world_size, self.seed, self.end_step = data_cfg, rank, world_size, seed, end_step
         self.transform, self.tokenizer = transform, tokenizer
-        manifest = read_manifest(data_cfg.path, dict(data_cfg.storage_options or {}))
-        self.order = data_lib.make_order(manifest, data_cfg, seed)
+        self.order = data_lib.make_data_order(data_lib.read_manifests(data_cfg), data_cfg, seed)
         self.next_step = 0
         self._iter: Optional[Iterator] = None
 

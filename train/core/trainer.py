@@ -32,6 +32,7 @@ from train.core.engine import build_optimizer, deepspeed_config, keep_freed_memo
 from train.core.export import export_engine
 from train.core.policies import NonFinitePolicy, RankAgreement, StopPolicy
 from train.core.preflight import preflight
+from train.core.remote_checkpoint import remote_from_config
 from train.core.run_log import MetricsWriter, SampleKeysWriter
 from train.core.schedule import cosine_lr
 from train.core.state import RNGState, StatefulLoader, TrainProgress
@@ -66,7 +67,9 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.rank)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.rank,
+                                             remote_from_config(cfg.checkpoint))
+        self._closing.callback(self.checkpoints.wait_upload)  # any exit waits for the upload in flight
         resume_from, universal = self._resume_point()
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model, self.train_transform, self.eval_transform, self.tokenizer = build_model(cfg.model, self.device)
@@ -168,7 +171,7 @@ class Trainer:
         cfg, out = self.cfg.logging, {}
         every, last = cfg.eval_every_steps, self.cfg.optim.steps
         if every and (step % every == 0 or step == last):
-            results = evaluate_model(self.engine, self.tokenizer, self.eval_transform, self.cfg.data.path,
+            results = evaluate_model(self.engine, self.tokenizer, self.eval_transform, self.cfg.data.datasets()[0].path,
                                      cfg.eval_split, cfg.eval_max_samples)
             out.update({f"eval/{name}": float(value) for name, value in results.items()})
         for zs in cfg.zeroshot:
@@ -211,6 +214,7 @@ class Trainer:
         record.update(step=progress.step, samples_seen=progress.samples_seen,
                       samples_per_s=self.cfg.data.global_batch_size / step_s, data_wait_frac=wait_s / step_s,
                       skipped_samples=progress.skipped_samples)
+        record.update(self.loader.order.progress_record(progress.step))  # a mixture's samples and epoch per source
         return record
 
     def _report(self, terms: Optional[dict], wait_s: float, step_s: float, bar, evals: dict) -> dict:

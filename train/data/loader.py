@@ -16,6 +16,9 @@ Bad data: an unreadable sample (corrupt image, missing member, cut by a truncate
 shard that cannot be fetched after retries) is skipped and counted, and its slot takes the next
 readable sample of the same shuffle block, so every rank's batch stays full and the choice does
 not depend on the rank count. Shards come from ``train.data.shard_source`` (local, fsspec URLs, pipe:).
+
+A mixture (``data.sources``) is one such order per source sharing the P streams (train/data/mixture.py): each
+stream's c samples of a step are the sources' fixed shares of it, read by one ShardReader per source.
 """
 from __future__ import annotations
 
@@ -26,24 +29,27 @@ import signal
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from common.shard_folder import Manifest, load_sample_index, read_manifest
 from train.data.decode import decode_image, find_member, image_member
-from train.data.shard_order import ShardOrder, Slot, make_order  # noqa: F401 (train.core imports make_order here)
+from train.data.mixture import DataOrder, make_data_order
+from train.data.shard_order import ShardOrder, Slot
 from train.data.shard_source import CountingFile, ShardCache, ShardUnavailable, is_remote, join, read_members
 
 log = logging.getLogger(__name__)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed per (run seed, epoch, sample): the sample's augmentation RNG.
+def sample_seed(seed: int, epoch: int, index: int, source: int = 0) -> int:
+    """A well-mixed 63-bit seed per (run seed, epoch, sample, data source): the sample's augmentation RNG.
 
-    blake2b of the three numbers (a SeedSequence costs 50 us per sample; this, about 1 us)."""
-    digest = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
+    blake2b of the numbers (a SeedSequence costs 50 us per sample; this, about 1 us). Source 0 (the only one
+    of an unmixed run) hashes the three numbers alone, as before mixtures existed."""
+    text = f"{seed},{epoch},{index}" if source == 0 else f"{seed},{epoch},{index},{source}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
@@ -73,7 +79,9 @@ class ShardReader:
         shards = manifest.split(split).shards
         self.root, self.rels, self.sha = manifest.root, [s.path for s in shards], [s.sha256 for s in shards]
         self.index_rels = [s.index for s in shards]
-        self.cache, self.max_open, self.remote = cache, max_open, is_remote(manifest.root)
+        self.urls = [join(self.root, rel) for rel in self.rels]  # a shard indexed in place names its own location
+        self.is_remote = [is_remote(url) for url in self.urls]
+        self.cache, self.max_open, self.remote = cache, max_open, any(self.is_remote)
         self.open: "OrderedDict[int, Optional[Tuple[CountingFile, np.ndarray]]]" = OrderedDict()
         self.bytes_read = [0]
         self._pool = ThreadPoolExecutor(4) if self.remote else None
@@ -89,15 +97,15 @@ class ShardReader:
                         "first: %s", self.rels[shard], kind, detail)
 
     def _local_path(self, shard: int) -> str:
-        url = join(self.root, self.rels[shard])
-        return self.cache.get(url, self.sha[shard]) if self.remote else url
+        url = self.urls[shard]
+        return self.cache.get(url, self.sha[shard]) if self.is_remote[shard] else url
 
     def prefetch(self, shards: Sequence[int]) -> None:
         """Start fetching remote shards in the background (no-op for local ones)."""
         if self._pool is None:
             return
         for s in map(int, shards):
-            if s not in self.open and s not in self._pending:
+            if self.is_remote[s] and s not in self.open and s not in self._pending:
                 self._pending[s] = self._pool.submit(self._local_path, s)
 
     def shard(self, shard: int) -> Optional[Tuple[CountingFile, np.ndarray]]:
@@ -126,8 +134,8 @@ class ShardReader:
 
     def _identity(self, shard: int, path: str) -> str:
         """What names a shard's content: URL + sha256 + size when cached, path + size + mtime when local."""
-        if self.remote:
-            return f"{join(self.root, self.rels[shard])}:{self.sha[shard]}:{os.path.getsize(path)}"
+        if self.is_remote[shard]:
+            return f"{self.urls[shard]}:{self.sha[shard]}:{os.path.getsize(path)}"
         st = os.stat(path)
         return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
@@ -137,7 +145,7 @@ class ShardReader:
             return None
         location = join(self.root, self.index_rels[shard])
         try:
-            path = self.cache.get(location) if self.remote else location
+            path = self.cache.get(location) if is_remote(location) else location
             with open(path, "rb") as f:
                 data = f.read()
             self.bytes_read[0] += len(data)
@@ -173,7 +181,7 @@ class Shards:
 class RankSteps:
     """What one rank makes: the batches of steps [start, end) of ``order``, from its ``streams`` of it."""
 
-    order: ShardOrder
+    order: DataOrder
     streams: range
     start: int
     end: int
@@ -194,43 +202,48 @@ class SampleRecipe:
 
 
 class StepBatches(torch.utils.data.IterableDataset):
-    """This rank's batches for steps [steps.start, steps.end); worker k of n makes every n-th of them."""
+    """This rank's batches for steps [steps.start, steps.end); worker k of n makes every n-th of them.
 
-    def __init__(self, shards: Shards, steps: RankSteps, recipe: SampleRecipe):
-        self.shards, self.steps, self.recipe = shards, steps, recipe
+    ``sources[i]`` holds the shards of ``steps.order.orders[i]`` (one per data source; train/data/mixture.py)."""
+
+    def __init__(self, sources: Sequence[Shards], steps: RankSteps, recipe: SampleRecipe):
+        self.sources, self.steps, self.recipe = list(sources), steps, recipe
         self.order = steps.order
-        self.image_ext = shards.manifest.fields.get("image", "jpg")
-        self.caption_ext = shards.manifest.fields.get("caption", "txt")
+        self.exts = [(s.manifest.fields.get("image", "jpg"), s.manifest.fields.get("caption", "txt"))
+                     for s in self.sources]
 
     def __iter__(self) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
         k, n = (worker.id, worker.num_workers) if worker else (0, 1)
-        # Open shards: this rank's current and next block of every stream.
-        streams, shards = self.steps.streams, self.shards
-        reader = ShardReader(shards.manifest, shards.split, shards.cache, 2 * len(streams) * self.order.window + 2)
+        # Open shards: this rank's current and next block of every stream, per source.
+        streams, orders = self.steps.streams, self.order.orders
+        readers = [ShardReader(s.manifest, s.split, s.cache, 2 * len(streams) * self.order.window + 2)
+                   for s in self.sources]
         for step in range(self.steps.start + k, self.steps.end, n):
-            before = reader.bytes_read[0]
+            before = sum(r.bytes_read[0] for r in readers)
             samples, skipped = [], 0
-            for stream in streams:
-                slots = self.order.slots(step, stream)
-                self._prefetch(reader, slots[0])
-                for slot in slots:
-                    sample, bad = self._read_slot(reader, slot)
-                    samples.append(sample)
-                    skipped += bad
+            for stream in streams:  # stream-major, then source: the global batch's order (mixture.py)
+                for source, (order, reader) in enumerate(zip(orders, readers)):
+                    slots = order.slots(step, stream)
+                    self._prefetch(reader, order, slots[0])
+                    for slot in slots:
+                        sample, bad = self._read_slot(reader, slot, source)
+                        samples.append(sample)
+                        skipped += bad
             batch = collate(samples)
-            batch.update(step=step, skipped=skipped, bytes_read=reader.bytes_read[0] - before)
+            batch.update(step=step, skipped=skipped, bytes_read=sum(r.bytes_read[0] for r in readers) - before)
             yield batch
 
-    def _prefetch(self, reader: ShardReader, slot: Slot) -> None:
+    @staticmethod
+    def _prefetch(reader: ShardReader, order: ShardOrder, slot: Slot) -> None:
         if not reader.remote:
             return
-        blocks, _ = self.order.blocks(slot.epoch, slot.stream)
+        blocks, _ = order.blocks(slot.epoch, slot.stream)
         reader.prefetch(slot.shards)
         if slot.block + 1 < len(blocks):
             reader.prefetch(blocks[slot.block + 1][:, 0])
 
-    def _read_slot(self, reader: ShardReader, slot: Slot) -> Tuple[dict, int]:
+    def _read_slot(self, reader: ShardReader, slot: Slot, source: int) -> Tuple[dict, int]:
         """The slot's sample, or the next readable one of its block; and 1 if the slot's own was unreadable."""
         failures = 0
         for attempt, (shard, inner, index) in enumerate(slot.candidates()):
@@ -245,9 +258,9 @@ class StepBatches(torch.utils.data.IterableDataset):
                 with torch.random.fork_rng(devices=[]):
                     # the CPU generator only: torch.manual_seed also queues lazy CUDA/XPU/MTIA seeding, each
                     # call formatting a stack trace (measured: 1.3 ms per sample, a quarter of a decode)
-                    torch.default_generator.manual_seed(sample_seed(self.recipe.seed, slot.epoch, index))
-                    return decode_sample(raw, self.recipe.transform, self.recipe.tokenizer, self.image_ext,
-                                         self.caption_ext), int(attempt > 0)
+                    torch.default_generator.manual_seed(sample_seed(self.recipe.seed, slot.epoch, index, source))
+                    return decode_sample(raw, self.recipe.transform, self.recipe.tokenizer,
+                                         *self.exts[source]), int(attempt > 0)
             except Exception as err:
                 failures += 1
                 reader.warn_once(shard, "corrupt", f"sample {raw.get('__key__')}: {err}")
@@ -286,22 +299,29 @@ def make_cache(data) -> ShardCache:
         raise OSError(f"data.cache_dir={cache_dir} is not usable ({err}): point it at a writable local disk") from None
 
 
+def read_manifests(data) -> List[Manifest]:
+    """The manifest of each of ``data.datasets()`` (a DataConfig's one dataset or its mixture), in order."""
+    return [read_manifest(src.path, dict(data.storage_options or {})) for src in data.datasets()]
+
+
 def build_loader(data, rank: int, world_size: int, seed: int, start_step: int, end_step: int,
                  transform: Callable, tokenizer: Callable) -> torch.utils.data.DataLoader:
     """Batches of this rank's b = B / W samples for optimizer steps start_step .. end_step - 1.
 
-    ``data`` is a ``train.config.DataConfig``. Each batch: image (b, 3, H, W) float, text (b, L) int64,
-    keys (b sample keys), skipped (unreadable samples replaced in it), step, bytes_read (shard bytes
-    the worker read for it). Raises ValueError when W does not divide the partitions.
+    ``data`` is a ``train.config.DataConfig`` (one dataset or a mixture). Each batch: image (b, 3, H, W) float,
+    text (b, L) int64, keys (b sample keys), skipped (unreadable samples replaced in it), step, bytes_read
+    (shard bytes the worker read for it). Raises ValueError when W does not divide the partitions.
     """
-    manifest = read_manifest(data.path, dict(data.storage_options or {}))
-    order = make_order(manifest, data, seed)
-    dataset = StepBatches(Shards(manifest, data.split, make_cache(data)),
-                          RankSteps(order, order.rank_streams(rank, world_size), start_step, end_step),
+    manifests = read_manifests(data)
+    order = make_data_order(manifests, data, seed)
+    cache = make_cache(data)
+    sources = [Shards(m, src.split, cache) for m, src in zip(manifests, data.datasets())]
+    dataset = StepBatches(sources, RankSteps(order, order.rank_streams(rank, world_size), start_step, end_step),
                           SampleRecipe(transform, tokenizer, seed, data.max_substitutions))
     if rank == 0 and start_step == 0:
-        log.info("data: %d samples in %d shards, %d partitions, window %d shards, %d steps per epoch",
-                 order.num_samples, len(order.sizes), order.partitions, order.window, order.steps_per_epoch)
+        log.info("data: %s", order.describe())
+        if order.share_warning():
+            log.warning(order.share_warning())
     workers = data.num_workers
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                        worker_init_fn=_worker_init if workers else None,

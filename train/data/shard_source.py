@@ -29,7 +29,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from common.shard_folder import KEY_EXT, index_tar, save_sample_index
+from common.shard_folder import KEY_EXT, index_tar, locate, save_sample_index
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -44,10 +44,8 @@ def is_remote(root: str) -> bool:
 
 
 def join(root: str, rel: str) -> str:
-    """The location of ``rel`` under ``root``; a ``pipe:`` root holds ``{}`` where ``rel`` goes."""
-    if root.startswith("pipe:"):
-        return root.replace("{}", rel) if "{}" in root else f"{root} {rel}"
-    return f"{root.rstrip('/')}/{rel}" if is_remote(root) else os.path.join(root.removeprefix("file://"), rel)
+    """The location of ``rel`` under ``root`` (``common.shard_folder.locate``: ``rel`` itself when absolute)."""
+    return locate(root, rel)
 
 
 def open_remote(url: str, storage_options: Optional[dict] = None):

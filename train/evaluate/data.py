@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.shard_folder import read_manifest
+from common.shard_folder import load_sample_index, locate, read_manifest
 from train.data.decode import decode_image, find_member, image_member
 from train.data.shard_source import KEY_EXT, is_remote, open_remote
 
@@ -56,7 +56,7 @@ def iter_samples(folder: str | Path, split: str, max_samples: int = 0,
     count = 0
     for url, shard in zip(manifest.shard_paths(split), manifest.split(split).shards):
         in_shard = 0
-        for raw in _tar_samples(url, storage_options):
+        for raw in _tar_samples(url, storage_options, _kept_starts(manifest, shard, storage_options)):
             if max_samples and count >= max_samples:
                 return
             count += 1
@@ -76,23 +76,46 @@ def iter_samples(folder: str | Path, split: str, max_samples: int = 0,
                                  "it is damaged or was replaced; restore it or rebuild the dataset")
 
 
-def _tar_samples(url: str, storage_options: Optional[dict]) -> Iterator[dict]:
-    """{'__key__': key, ext: bytes} per sample of one tar, streamed in order (WebDataset grouping).
+def _kept_starts(manifest, shard, storage_options: Optional[dict]) -> Optional[set]:
+    """The start bytes of the samples a shard's sample index lists, when the index keeps only some of them (an
+    index made with ``python -m pipeline index --subset``); None: every sample of the tar counts."""
+    if not shard.index:
+        return None
+    location = locate(manifest.root, shard.index)
+    try:
+        if is_remote(location):
+            with open_remote(location, storage_options) as f:
+                rows = load_sample_index(f.read())
+        else:
+            rows = load_sample_index(Path(location).read_bytes())
+    except (OSError, ValueError) as err:
+        raise EvalInputError(f"sample index {location} cannot be read ({err}): restore it or rebuild the "
+                             "dataset") from None
+    return None if len(rows) != shard.num_samples else set(int(start) for start in rows[:, 0])
+
+
+def _tar_samples(url: str, storage_options: Optional[dict], starts: Optional[set] = None) -> Iterator[dict]:
+    """{'__key__': key, ext: bytes} per sample of one tar, streamed in order (WebDataset grouping); with
+    ``starts``, only the samples whose first member's header begins at one of those bytes.
 
     EvalInputError naming the shard if it is missing, unreadable or not a complete tar: evaluation
     never skips samples (its numbers would silently cover less of the split).
     """
     try:
-        yield from _read_tar(url, storage_options)
+        for start, sample in _read_tar(url, storage_options):
+            if starts is None or start in starts:
+                yield sample
     except (OSError, tarfile.TarError, EOFError) as err:
         what = "is missing" if isinstance(err, FileNotFoundError) else "cannot be read"
         raise EvalInputError(f"shard {url} {what} ({type(err).__name__}: {' '.join(str(err).split())[:200]}): "
                              "restore it or rebuild the dataset") from None
 
 
-def _read_tar(url: str, storage_options: Optional[dict]) -> Iterator[dict]:
+def _read_tar(url: str, storage_options: Optional[dict]) -> Iterator[Tuple[int, dict]]:
+    """(start byte of its first member's header, sample) per sample of one tar, streamed."""
     stream = open_remote(url, storage_options) if is_remote(url) else open(url, "rb")
     sample: dict = {}
+    start = 0
     with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
             match = KEY_EXT.match(member.name) if member.isfile() else None
@@ -100,12 +123,14 @@ def _read_tar(url: str, storage_options: Optional[dict]) -> Iterator[dict]:
                 continue
             key = os.path.basename(match.group(1))
             if sample and sample["__key__"] != key:
-                yield sample
+                yield start, sample
                 sample = {}
+            if not sample:
+                start = member.offset
             sample["__key__"] = key
             sample[match.group(2).lower()] = tar.extractfile(member).read()    # as webdataset
     if sample:
-        yield sample
+        yield start, sample
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

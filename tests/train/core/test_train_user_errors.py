@@ -79,9 +79,18 @@ CASES = {
     "run dir that is a file": ([f"run.run_dir={ROOT / 'README.md'}"], ["run.run_dir=", "is a file"]),
     "run dir below a file": ([f"run.run_dir={ROOT / 'README.md'}/run"], ["run.run_dir=", "is a file"]),
     "resume value none is fresh, lr not": (["run.resume=none", "optim.lr=-1"], ["optim.lr must be > 0, got -1.0"]),
+    # mixtures (data.sources): the source at fault is named by its index
+    "missing mixture source": (["data.sources=[{path: {data}, weight: 3}, {path: {tmp}/nope, weight: 1}]"],
+                               ["data.sources[1].path={tmp}/nope", "does not exist"]),
+    "missing split of a source": (["data.sources=[{path: {data}}, {path: {data}, name: b, split: test}]"],
+                                  ["data.sources[1].split=test", "has: train, val"]),
+    "source without a sample of a stream": (["data.streams=8", "data.sources=[{path: {data}, weight: 1}, "
+                                             "{path: {data}, name: rare, weight: 0.01}]"],
+                                            ["data source rare", "gets none of the 2 samples"]),
+    "source weight zero": (["data.sources=[{path: {data}, weight: 0}]"], ["data.sources[0].weight must be > 0"]),
 }
 # A path the user gave that cannot be used is an InputError ("error: ..."), not a config error.
-PATH_CASES = {"missing dataset folder", "folder without manifest", "missing resume checkpoint",
+PATH_CASES = {"missing dataset folder", "folder without manifest", "missing mixture source", "missing resume checkpoint",
               "resume folder that is not a checkpoint", "missing pretrained export", "missing pretrained export folder",
               "pretrained file that is not weights", "run dir that is a file", "run dir below a file"}
 # Every numeric bound of train/config.py: (key=value, the message). The reference is the bound the test states.
@@ -126,7 +135,8 @@ def test_world_size_zero_is_refused(digits, tmp_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_user_error_is_one_line_and_exit_2(digits, tmp_path, case):
     extra, expected = CASES[case]
-    fill = lambda items: [item.replace("{tmp}", str(tmp_path)) for item in items]  # noqa: E731
+    fill = lambda items: [item.replace("{tmp}", str(tmp_path)).replace("{data}", str(digits))  # noqa: E731
+                          for item in items]
     done = train_once(base(digits, tmp_path / "run") + fill(extra), cwd=tmp_path)
     assert_one_line(done, *fill(expected), label="error" if case in PATH_CASES else "config error")
     assert not (tmp_path / "run").exists()  # nothing started: no run folder was made
@@ -160,7 +170,8 @@ def test_make_pretrain_without_shards_says_which_command_to_run(tmp_path):
     lines = [line for line in done.stderr.splitlines()
              if line.strip() and not re.match(r"make(\[\d+\])?: \*\*\*", line)]
     assert lines == [f"error: data.path={tmp_path}/fmnist does not exist: build it with `make shards` "
-                     "(python -m pipeline demo --out DIR, or python -m pipeline run)"], done.stderr
+                     "(python -m pipeline demo --out DIR, or python -m pipeline run), or index shards you already "
+                     "have with python -m pipeline index --shards SPEC --out DIR"], done.stderr
     assert done.returncode != 0
 
 

@@ -209,10 +209,28 @@ def test_png_and_webp_shards_train_and_evaluate_through_the_manifest_contract(di
     assert len(samples) == 16 and all(s.image.size == (32, 32) for s in samples)
 
 
-def test_shards_that_disagree_on_their_format_are_an_error(tmp_path):
-    splits = {"train": SplitInfo(shards=[ShardInfo("a.tar", 1, image_ext="png"), ShardInfo("b.tar", 1, image_ext="jpg")])}
+def test_shards_that_disagree_on_their_hash_are_an_error(tmp_path):
+    splits = {"train": SplitInfo(shards=[ShardInfo("a.tar", 1, sample_hash="sha256"), ShardInfo("b.tar", 1,
+                                                                                              sample_hash="md5")])}
     with pytest.raises(ValueError, match="disagree"):
         write_manifest(tmp_path, Manifest(splits=splits))
+
+
+def test_shards_of_mixed_image_formats_named_in_place_read_as_one_dataset(digits, tiny, tmp_path):
+    """An index of other tools' shards: each shard keeps its own image extension and its own location (an
+    absolute path outside the folder); the reference is the all-jpg folder: same keys, same pixels."""
+    png = reencode(digits, tmp_path / "png", "png")
+    own, other = read_manifest(digits).split("train").shards, read_manifest(png).split("train").shards
+    mixed = [ShardInfo(str(png / o.path) if i % 2 else str(digits / s.path), s.num_samples, image_ext=o.image_ext
+                       if i % 2 else "jpg") for i, (s, o) in enumerate(zip(own, other))]
+    folder = tmp_path / "index"
+    folder.mkdir()
+    write_manifest(folder, Manifest(splits={"train": SplitInfo(shards=mixed)}))
+    manifest = read_manifest(folder)
+    assert manifest.fields["image"] == "jpg" and {s.image_ext for s in manifest.split("train").shards} == {"jpg", "png"}
+    assert manifest.shard_paths("train") == [s.path for s in mixed]
+    for a, b in zip(batches(digits, tiny, end=4), batches(folder, tiny, end=4)):
+        assert a["keys"] == b["keys"] and torch.equal(a["image"], b["image"]) and b["skipped"] == 0
 
 
 def test_partition_rule_errors_are_clear(digits, tiny):
