@@ -138,6 +138,8 @@ def test_brace_pattern_on_disk_on_s3_and_over_http_reads_the_same(made, local, t
         assert index("--shards", f"{server.base_url}/{BRACE}", "--out", http, "workers=2") == 0
         assert read_manifest(http).shard_paths("train") == [server.url(f"{i:05d}.tar") for i in range(3)]
         assert_same(on_disk, load(http, tiny, tmp_path / "c1"))
+        evaluated = [(s.key, s.caption) for s in iter_samples(local, "train")]  # the evaluator's reader too
+        assert [(s.key, s.caption) for s in iter_samples(http, "train")] == evaluated and len(evaluated) == 60
         piped = tmp_path / "pipe"  # a command cannot be listed or have siblings: scanned
         assert index("--shards", f"pipe:curl -s {server.base_url}/{BRACE}", "--out", piped) == 0
         assert summary(piped)["counted_by"] == {"scan": 3}
@@ -152,6 +154,7 @@ def test_brace_pattern_on_disk_on_s3_and_over_http_reads_the_same(made, local, t
         assert summary(remote)["counted_by"] == {"stats": 3}
         assert read_manifest(remote).shard_paths("train")[0] == f"{url}/00000.tar"
         assert_same(on_disk, load(remote, tiny, tmp_path / "c3", storage_options=s3.storage_options))
+        assert [(s.key, s.caption) for s in iter_samples(remote, "train", 0, s3.storage_options)] == evaluated
         globbed = tmp_path / "s3glob"  # a remote glob, listed through fsspec
         assert index("--shards", f"{url}/*.tar", "--out", globbed,
                      f"storage_options={json.dumps(s3.storage_options)}") == 0
