@@ -106,6 +106,21 @@ def wait_for_step(keys_file: Path, step: int, procs: list, timeout: float = 300)
     raise TimeoutError(f"{keys_file} never reached step {step}")
 
 
+def kill9_at_step(procs: list, keys_file: Path, step: int) -> None:
+    """SIGKILL every rank once ``keys_file`` shows ``step`` started (wait_for_step), and reap them; ranks still
+    alive if anything fails are killed too, so no test leaves processes behind."""
+    try:
+        wait_for_step(keys_file, step, procs)
+        for p in procs:
+            os.kill(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Runs:
     return Runs(tmp_path_factory.mktemp("train_e2e"))
@@ -293,17 +308,7 @@ def test_kill9_then_resume_on_another_world_size_and_worker_count_continues_the_
     with 0 workers resumes from the last checkpoint, and every step trains on the 1-rank run's samples."""
     reference, name = runs.ref_1rank(), "killed_elastic"
     args = runs.base(name) + ["zero.stage=0", "run.resume=latest"]
-    procs = runs.launch(2, args + ["data.num_workers=2"])
-    try:
-        wait_for_step(runs.root / name / "sample_keys" / "rank0.jsonl", 6, procs)
-        for p in procs:
-            os.kill(p.pid, signal.SIGKILL)
-        for p in procs:
-            p.wait(timeout=60)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    kill9_at_step(runs.launch(2, args + ["data.num_workers=2"]), runs.root / name / "sample_keys" / "rank0.jsonl", 6)
     run_dir = runs.root / name
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
     assert runs.run(1, args + ["data.num_workers=0"]) == [0], f"see {runs.root}/{name}.rank0.log"

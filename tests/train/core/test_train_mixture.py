@@ -5,8 +5,6 @@ its own loss log bit for bit after a kill -9 on the same world size. Three launc
 """
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,7 @@ import torch
 from common.paths import REPO_ROOT
 from tests.harness.data_fixtures import make_digits_dataset
 from tests.harness.rank_launcher import launch_ranks, wait_ranks
-from tests.train.core.test_train_deepspeed import (assert_same_trajectory, exported, metrics, sample_keys,
-                                                   wait_for_step)
+from tests.train.core.test_train_deepspeed import assert_same_trajectory, exported, kill9_at_step, metrics, sample_keys
 
 pytestmark = pytest.mark.slow
 
@@ -40,17 +37,8 @@ class MixRuns:
         return wait_ranks(launch_ranks(self.root, name, world, self.args(name) + list(extra)), 400)
 
     def kill9_at(self, world: int, name: str, step: int, extra=()) -> None:
-        procs = launch_ranks(self.root, name, world, self.args(name) + list(extra))
-        try:
-            wait_for_step(self.root / name / "sample_keys" / "rank0.jsonl", step, procs)
-            for p in procs:
-                os.kill(p.pid, signal.SIGKILL)
-            for p in procs:
-                p.wait(timeout=60)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+        kill9_at_step(launch_ranks(self.root, name, world, self.args(name) + list(extra)),
+                      self.root / name / "sample_keys" / "rank0.jsonl", step)
 
     def ref(self) -> Path:
         if self.reference is None:
