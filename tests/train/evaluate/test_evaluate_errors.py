@@ -87,21 +87,28 @@ def error_cases(trained, tmp_path: Path) -> tuple[dict, Path]:
     return cases, run
 
 
-def test_cli_user_errors_are_one_line_without_traceback(trained, tmp_path):
+def test_cli_user_errors_are_one_line_without_traceback(trained, tmp_path, capsys):
+    """Every case through the CLI's entry point (main: the one-line handler of common/cli.py), and three of them
+    as real ``python -m train.evaluate`` processes, which must print the same line and no traceback."""
     cases, run = error_cases(trained, tmp_path)
+    for name, (argv, expected) in cases.items():
+        code = main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in lines[0], (name, lines)
+        assert lines[0].startswith(("error: ", "config error: ")) and expected in lines[0], (name, lines)
+        assert not (run / "eval").exists(), name    # nothing evaluated, nothing written
+    assert not (tmp_path / "c").exists()    # compare checks every run before it writes anything
 
     def cli(argv):
         return subprocess.run([sys.executable, "-m", "train.evaluate", *argv], cwd=ROOT,
                               capture_output=True, text=True, timeout=180)
 
+    real = ("shard of the split deleted", "wrong type", "compare: run not evaluated")  # data, config, compare
     with ThreadPoolExecutor(3) as pool:    # ~3 s of imports each: run them side by side
-        results = dict(zip(cases, pool.map(cli, [argv for argv, _ in cases.values()])))
-    for name, proc in results.items():
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (name, proc.stderr)
-        assert lines[0].startswith(("error: ", "config error: ")) and cases[name][1] in lines[0], (name, lines)
-        assert not (run / "eval").exists(), name    # nothing evaluated, nothing written
-    assert not (tmp_path / "c").exists()    # compare checks every run before it writes anything
+        for name, proc in zip(real, pool.map(cli, [cases[name][0] for name in real])):
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (name, proc.stderr)
+            assert cases[name][1] in lines[0], (name, lines)
 
 
 def test_make_eval_passes_the_one_line_through(trained, tmp_path):
