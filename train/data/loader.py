@@ -42,7 +42,10 @@ from common.shard_folder import Manifest, load_sample_index, read_manifest
 from train.data.decode import decode_image, find_member, image_member
 from train.data.mixture import DataOrder, make_data_order
 from train.data.shard_order import ShardOrder, Slot, Substitutes
-from train.data.shard_source import CountingFile, ShardCache, ShardUnavailable, is_remote, join, read_members
+from common.shard_folder import READABLE_COMPRESSIONS, ShardFormatError, compression_of, unreadable_compression
+from common.errors import InputError
+from train.data.shard_source import (CountingFile, ShardCache, ShardUnavailable, check_shard, is_remote, join,
+                                     read_members)
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,17 @@ class ShardReader:
                         "first: %s", self.rels[shard], kind, detail)
 
     def _local_path(self, shard: int) -> str:
+        """The shard as a local plain tar: remote and compressed ones through the cache (shard_source)."""
         url = self.urls[shard]
-        return self.cache.get(url, self.sha[shard]) if self.is_remote[shard] else url
+        if self.is_remote[shard]:
+            return self.cache.get(url, self.sha[shard])
+        with open(url, "rb") as f:  # 6 bytes per shard opened: its compression, whatever its name says
+            compression = compression_of(f.read(6))
+        if not compression:
+            return url
+        if compression not in READABLE_COMPRESSIONS:
+            raise unreadable_compression(self.rels[shard], compression)
+        return self.cache.get(url, self.sha[shard], key=self._identity(shard))
 
     def prefetch(self, shards: Sequence[int]) -> None:
         """Start fetching remote shards in the background (no-op for local ones)."""
@@ -123,8 +135,11 @@ class ShardReader:
             path = self._local_path(shard)
             index = self._manifest_index(shard)
             if index is None:  # shards without an ingestion index: scanned once per node, then shared
-                index = self.cache.index(path, self._identity(shard, path), self.bytes_read)
+                index = self.cache.index(path, self._identity(shard, path), self.bytes_read, self.rels[shard])
             handle = (CountingFile(path, self.bytes_read), index)
+        except ShardFormatError as err:  # the message names the shard, the rule and the fix
+            log.warning("%s; its samples are skipped (counted in skipped_samples)", err)
+            handle = None
         except (ShardUnavailable, OSError) as err:
             log.warning("shard %s unavailable, its samples are skipped (counted in skipped_samples): %s",
                         self.rels[shard], err)
@@ -136,12 +151,13 @@ class ShardReader:
                 old[0].close()
         return handle
 
-    def _identity(self, shard: int, path: str) -> str:
-        """What names a shard's content: URL + sha256 + size when cached, path + size + mtime when local."""
+    def _identity(self, shard: int, path: str = "") -> str:
+        """What names a shard's content: URL + sha256 + size of the cached ``path`` when remote, path + size +
+        mtime when local (of the file named, compressed or not)."""
         if self.is_remote[shard]:
             return f"{self.urls[shard]}:{self.sha[shard]}:{os.path.getsize(path)}"
-        st = os.stat(path)
-        return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+        st = os.stat(self.urls[shard])
+        return f"{os.path.realpath(self.urls[shard])}:{st.st_size}:{st.st_mtime_ns}"
 
     def _manifest_index(self, shard: int) -> Optional[np.ndarray]:
         """The sample index the ingestion wrote beside the shard (16 bytes per sample), if any."""
@@ -341,15 +357,31 @@ def read_manifests(data) -> List[Manifest]:
     return [read_manifest(src.path, dict(data.storage_options or {})) for src in data.datasets()]
 
 
+def check_first_shards(manifests: Sequence[Manifest], data) -> None:
+    """InputError (one line) when the first shard of a source without sample indexes (shards counted, not scanned:
+    a hand-written manifest, stats files) breaks a rule its shards would then all break (keys with dots, a
+    compression no reader here reads): said at start, not after an epoch of skipped samples. Indexed shards were
+    checked when they were scanned (the ingestion, ``python -m pipeline index``)."""
+    for manifest, src in zip(manifests, data.datasets()):
+        shards = manifest.split(src.split).shards
+        if shards and not shards[0].index:
+            try:
+                check_shard(join(manifest.root, shards[0].path), dict(data.storage_options or {}))
+            except ShardFormatError as err:
+                raise InputError(f"{src.path}: {err}") from None
+
+
 def build_loader(data, rank: int, world_size: int, seed: int, start_step: int, end_step: int,
                  transform: Callable, tokenizer: Callable) -> torch.utils.data.DataLoader:
     """Batches of this rank's b = B / W samples for optimizer steps start_step .. end_step - 1.
 
     ``data`` is a ``train.config.DataConfig`` (one dataset or a mixture). Each batch: image (b, 3, H, W) float,
     text (b, L) int64, keys (b sample keys), skipped (unreadable samples replaced in it), step, bytes_read
-    (shard bytes the worker read for it). Raises ValueError when W does not divide the partitions.
+    (shard bytes the worker read for it). Raises ValueError when W does not divide the partitions, InputError
+    when the first shard shows the dataset cannot be read (check_first_shards).
     """
     manifests = read_manifests(data)
+    check_first_shards(manifests, data)
     order = make_data_order(manifests, data, seed)
     cache = make_cache(data)
     sources = [Shards(m, src.split, cache) for m, src in zip(manifests, data.datasets())]
