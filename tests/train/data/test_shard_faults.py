@@ -25,22 +25,9 @@ from PIL import Image
 from common.errors import InputError
 from common.shard_folder import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
 from pipeline.__main__ import main as pipeline_main
-from tests.harness.data_fixtures import make_digits_dataset
-from train.config import DataConfig, ModelConfig
+from train.config import DataConfig
 from train.data import loader as data_lib
 from train.evaluate.data import EvalInputError, iter_samples
-from train.model.build import build_model
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return make_digits_dataset(tmp_path_factory.mktemp("digits") / "ds", n_train=96, n_val=16, shard_size=16)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    _, train_transform, _, tokenizer = build_model(ModelConfig())
-    return train_transform, tokenizer
 
 
 def batches(folder, tiny, rank=0, world=1, end=6, batch=16, streams=4, window=2, cache=None):
