@@ -245,20 +245,102 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
     return atomic_write_text(folder / MANIFEST_NAME, json.dumps(data, indent=1))
 
 
-# ---------------------------------------------------------------- per-shard sample index
+# ---------------------------------------------------------------- what a shard must be
 KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split of a member name
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+"""Image extensions a sample may hold (lower case: webdataset lower-cases extensions when it groups)."""
 
 
-def index_tar(f) -> "np.ndarray":
+class ShardFormatError(ValueError):
+    """A shard readers cannot use as it is (members whose keys run together, a compression no reader here
+    decompresses); the message is one line: the shard, the rule and the fix."""
+
+
+def dotted_key_member(exts) -> Optional[str]:
+    """The extension (lower case) that shows a sample's members ran together, or None.
+
+    webdataset's key of a member is its name up to the first dot of the file name (KEY_EXT), so members named
+    ``2024.05.12_000001.jpg`` all get the key ``2024`` and extensions like ``05.12_000001.jpg``: one sample per
+    shard that holds no plain image member. A sample with a plain image (``jpg``) and multi-part extensions
+    beside it (``seg.png``) is a legitimate webdataset sample."""
+    exts = [e.lower() for e in exts]
+    if any(e in IMAGE_EXTS for e in exts):
+        return None
+    return next((e for e in exts if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTS), None)
+
+
+def dotted_key_error(shard: str, key: str, ext: str) -> ShardFormatError:
+    """The one-line refusal of a shard whose member ``key.ext`` has dots in its file name (dotted_key_member);
+    ``shard`` '' leaves the shard's name out (the caller says it)."""
+    base = key.rsplit("/", 1)[-1]
+    name = f"{base}.{ext}"
+    fixed = f"{name.rsplit('.', 1)[0].replace('.', '_')}.{name.rsplit('.', 1)[1]}"
+    return ShardFormatError(f"{f'shard {shard}: ' if shard else ''}member '{name}' has dots in its key; webdataset "
+                            f"keys end at the first dot of the file name (here '{base}'), so its samples run together: "
+                            f"rename the members without dots before the extension (e.g. '{fixed}'; dots in folder "
+                            "names are fine)")
+
+
+COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+"""Magic bytes of the compressions a shard may carry (whatever its name says)."""
+READABLE_COMPRESSIONS = ("gzip", "bzip2", "xz")
+"""The ones readers decompress (Python's zlib, bz2, lzma; webdataset's tarfile reads the same three)."""
+
+
+def compression_of(head: bytes) -> str:
+    """The compression whose magic bytes ``head`` (a file's first bytes) starts with; '' for none (a tar)."""
+    return next((name for magic, name in COMPRESSIONS if head.startswith(magic)), "")
+
+
+def unreadable_compression(shard: str, compression: str) -> ShardFormatError:
+    """The one-line refusal of a shard compressed with ``compression`` (not one of READABLE_COMPRESSIONS)."""
+    return ShardFormatError(f"{f'shard {shard} is ' if shard else ''}{compression}-compressed, which no reader "
+                            "here decompresses (gzip, "
+                            f"bzip2 and xz are read): decompress the shards (`{compression} -d`) or recompress them "
+                            "with gzip")
+
+
+class Inflater:
+    """Incremental decompression of a gzip, bzip2 or xz stream, concatenated members included."""
+
+    def __init__(self, compression: str):
+        import bz2
+        import lzma
+        import zlib
+
+        self._make = {"gzip": lambda: zlib.decompressobj(wbits=31), "bzip2": bz2.BZ2Decompressor,
+                      "xz": lzma.LZMADecompressor}[compression]
+        self._d = self._make()
+
+    def feed(self, data: bytes) -> bytes:
+        """The decompressed bytes ``data`` completes (raises ValueError/OSError-like errors on a damaged stream)."""
+        out = []
+        while data:
+            out.append(self._d.decompress(data))
+            if not self._d.eof:
+                break
+            data = self._d.unused_data
+            self._d = self._make()
+            if not data.strip(b"\0"):  # zero padding after the last member (tape-style writers)
+                break
+        return b"".join(out)
+
+
+# ---------------------------------------------------------------- per-shard sample index
+
+
+def index_tar(f, shard: str = "") -> "np.ndarray":
     """(num_samples, 2) int64: start and end byte of each sample's members, in tar order.
 
-    Members of one sample are adjacent (the WebDataset convention). A truncated tar yields the samples
+    Members of one sample are adjacent (the WebDataset convention). ShardFormatError when members ran
+    together because of dots in their keys (``dotted_key_member``); ``shard`` names the shard in it. A truncated tar yields the samples
     whose members are complete up to the cut; the cut sample keeps the members that survived.
     """
     f.seek(0, os.SEEK_END)
     file_size = f.tell()
     f.seek(0)
-    rows, key = [], None
+    rows, key, exts = [], None, []
+    name = shard or str(getattr(f, "name", "") or "?")
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
@@ -266,15 +348,24 @@ def index_tar(f) -> "np.ndarray":
                 if not member.isfile() or member.offset_data + member.size > file_size:
                     continue
                 match = KEY_EXT.match(member.name)
-                name = match.group(1) if match else member.name
-                if name != key:
+                sample = match.group(1) if match else member.name
+                if sample != key:
+                    _check_keys(name, key, exts)
                     rows.append([member.offset, end])
-                    key = name
+                    key, exts = sample, []
                 else:
                     rows[-1][1] = end
+                exts.append(match.group(2) if match else "")
     except (tarfile.TarError, EOFError, OSError) as err:
         log.warning("tar index stops at a damaged or truncated spot (%s); %d samples indexed", err, len(rows))
+    _check_keys(name, key, exts)
     return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
+def _check_keys(shard: str, key: Optional[str], exts: list) -> None:
+    dotted = dotted_key_member(exts) if key is not None else None
+    if dotted is not None:
+        raise dotted_key_error(shard, key, dotted)
 
 
 def write_sample_index(tar_path: str | os.PathLike, index_path: str | os.PathLike) -> Path:

@@ -72,14 +72,24 @@ def expand_spec(spec: str, storage_options: Optional[dict] = None) -> List[str]:
             out += _glob(one, storage_options)
         elif is_remote(one):
             last = one.rstrip("/").rsplit("/", 1)[-1]
-            out += _glob(one.rstrip("/") + "/*.tar", storage_options) if one.endswith("/") or "." not in last \
+            out += _shards_in(_glob(one.rstrip("/") + "/*", storage_options)) if one.endswith("/") or "." not in last \
                 else [one]
         else:
             path = os.path.abspath(one.removeprefix("file://"))
-            out += sorted(glob.glob(os.path.join(glob.escape(path), "*.tar"))) if os.path.isdir(path) else [path]
+            out += _shards_in(glob.glob(os.path.join(glob.escape(path), "*"))) if os.path.isdir(path) else [path]
     if not out:
-        raise InputError(f"--shards {spec}: no shards matched (a folder is read for its *.tar files)")
+        raise InputError(f"--shards {spec}: no shards matched (a folder is read for its "
+                         f"{', '.join('*' + s for s in SHARD_SUFFIXES)} files)")
     return out
+
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+"""What a folder SPEC lists: tars and compressed tars (webdataset's tarfile reads gzip, bzip2 and xz; zstd is
+listed so that it is refused in one line rather than silently passed over)."""
+
+
+def _shards_in(paths: List[str]) -> List[str]:
+    return sorted(p for p in paths if p.endswith(SHARD_SUFFIXES))
 
 
 def _glob(pattern: str, storage_options: Optional[dict]) -> List[str]:

@@ -5,6 +5,12 @@ Counts, cheapest first: img2dataset/DataComp's ``{shard}_stats.json`` beside the
 ``sizes.json`` in its folder, else a scan of the tar headers. A counted shard is read only up to its first
 image member's header (the image extension); a scanned one is read once, streamed (remote: into a temporary
 file under the output folder, deleted after the scan). Nothing is ever written beside a shard.
+
+Rules a shard is checked against (``common.shard_folder``), each a skipped shard with one line saying the rule:
+member extensions in any case (``KEY.JPG`` is a jpg, as webdataset lower-cases them); members whose keys run
+together because of dots in the file names (``2024.05.12_000001.jpg``: webdataset's key ends at the first dot);
+compression by magic bytes, whatever the name: gzip, bzip2 and xz are scanned through a decompressed temporary
+copy (the sample index then holds offsets into the decompressed tar, as the loader reads it), others refused.
 """
 from __future__ import annotations
 
@@ -24,10 +30,12 @@ from typing import Dict, Optional, Set
 import numpy as np
 
 from common.errors import InputError
-from common.shard_folder import KEY_EXT, save_sample_index
+from common.shard_folder import (IMAGE_EXTS, KEY_EXT, READABLE_COMPRESSIONS, Inflater, compression_of,
+                                 dotted_key_error, dotted_key_member, save_sample_index, unreadable_compression)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CHUNK = 1 << 20
+FIRST_MEMBERS = 16
+"""Members of a counted shard's first sample read at most (enough to see its image or that its keys ran together)."""
 
 
 class Unusable(Exception):
@@ -100,22 +108,33 @@ def image_ext_of(exts) -> str:
 
 def first_image_ext(location: str, storage_options: Optional[dict]) -> str:
     """The image extension of the shard's first sample, reading the tar only up to that member's header."""
+    key, exts = None, []
     try:
-        with open_stream(location, storage_options) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            key = None
+        with open_stream(location, storage_options) as f:
+            compression = compression_of(f.read(6))
+        if compression and compression not in READABLE_COMPRESSIONS:
+            raise Unusable(str(unreadable_compression("", compression)))
+        with open_stream(location, storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 name, ext = split_member(member.name)
-                if key is not None and name != key:
+                if key is not None and name != key or len(exts) >= FIRST_MEMBERS:
                     break
                 key = name
-                if member.isfile() and image_ext_of([ext]):
-                    return image_ext_of([ext])
+                if member.isfile():
+                    exts.append(ext)
+                    if image_ext_of([ext]):
+                        return image_ext_of([ext])
+    except Unusable:
+        raise
     except (tarfile.TarError, EOFError) as err:
         raise Unusable(f"not a tar ({err})") from None
     except FileNotFoundError:
         raise Unusable("not found") from None
     except Exception as err:  # noqa: BLE001 - any backend's read error: this shard is unreadable
         raise Unusable(f"unreadable ({type(err).__name__}: {err})") from None
+    dotted = dotted_key_member(exts) if key is not None else None
+    if dotted is not None:
+        raise Unusable(str(dotted_key_error("", key, dotted)))
     raise Unusable("no image member in its first sample" if key is not None else "not a tar (no members)")
 
 
@@ -129,11 +148,12 @@ class Scan:
     sha256: str
 
 
-def scan_tar(path: str, want_uid: bool) -> Scan:
-    """``index_tar``'s rows of a local tar, with each sample's key, image extension and (``want_uid``) the
-    ``uid`` of its .json member."""
+def scan_tar(path: str, want_uid: bool, sha256: str = "") -> Scan:
+    """``index_tar``'s rows of a local (plain) tar, with each sample's key, image extension and (``want_uid``) the
+    ``uid`` of its .json member; ``sha256`` the stored file's when ``path`` is a decompressed copy. Unusable when
+    its members ran together (keys with dots)."""
     size = os.path.getsize(path)
-    rows, keys, uids, exts, key = [], [], [], [], None
+    rows, keys, uids, exts, key, members = [], [], [], [], None, []
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
@@ -142,6 +162,8 @@ def scan_tar(path: str, want_uid: bool) -> Scan:
                     continue
                 name, ext = split_member(member.name)
                 if name != key:
+                    _check_keys(key, members)
+                    members = []
                     rows.append([member.offset, end])
                     keys.append(name)
                     uids.append("")
@@ -149,6 +171,7 @@ def scan_tar(path: str, want_uid: bool) -> Scan:
                     key = name
                 else:
                     rows[-1][1] = end
+                members.append(ext)
                 if not exts[-1]:
                     exts[-1] = image_ext_of([ext])
                 if want_uid and ext.lower() == "json":
@@ -160,7 +183,14 @@ def scan_tar(path: str, want_uid: bool) -> Scan:
     except (tarfile.TarError, EOFError, OSError) as err:
         if not rows:
             raise Unusable(f"not a tar ({err})") from None
-    return Scan(np.asarray(rows, dtype=np.int64).reshape(-1, 2), keys, uids, exts, _sha256(path))
+    _check_keys(key, members)
+    return Scan(np.asarray(rows, dtype=np.int64).reshape(-1, 2), keys, uids, exts, sha256 or _sha256(path))
+
+
+def _check_keys(key: Optional[str], exts: list) -> None:
+    dotted = dotted_key_member(exts) if key is not None else None
+    if dotted is not None:
+        raise Unusable(str(dotted_key_error("", key, dotted)))
 
 
 def _sha256(path: str) -> str:
@@ -172,16 +202,28 @@ def _sha256(path: str) -> str:
 
 
 def local_copy(location: str, storage_options: Optional[dict], tmp_dir: Path):
-    """(path, is_temporary): the local file, or a streamed temporary copy of a remote one."""
+    """(path, is_temporary, sha256 of the stored file or ''): the local plain tar, or a streamed temporary copy
+    of a remote or compressed one (decompressed on the way; its sha256 is of the bytes as stored, which is what
+    the loader verifies a download against)."""
     if not is_remote(location):
         path = location.removeprefix("file://")
         if not os.path.isfile(path):
             raise Unusable("not found")
-        return path, False
+        with open(path, "rb") as f:
+            if not compression_of(f.read(6)):
+                return path, False, ""
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".tar")
+    digest, inflater, first = hashlib.sha256(), None, True
     try:
         with os.fdopen(fd, "wb") as out, open_stream(location, storage_options, block_size=CHUNK) as src:
-            shutil.copyfileobj(src, out, CHUNK)
+            while chunk := src.read(CHUNK):
+                if first and compression_of(chunk):
+                    if compression_of(chunk) not in READABLE_COMPRESSIONS:
+                        raise Unusable(str(unreadable_compression("", compression_of(chunk))))
+                    inflater = Inflater(compression_of(chunk))
+                first = False
+                digest.update(chunk)
+                out.write(inflater.feed(chunk) if inflater else chunk)
             if is_pipe(location) and src.proc.wait() != 0:
                 raise Unusable(f"pipe command exited with {src.proc.returncode}")
     except Unusable:
@@ -190,10 +232,10 @@ def local_copy(location: str, storage_options: Optional[dict], tmp_dir: Path):
     except FileNotFoundError:
         os.unlink(tmp)
         raise Unusable("not found") from None
-    except Exception as err:  # noqa: BLE001 - network, 404, permission: the shard is unreadable
+    except Exception as err:  # noqa: BLE001 - network, 404, permission, damaged compression: unreadable
         os.unlink(tmp)
         raise Unusable(f"unreadable ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
-    return tmp, True
+    return tmp, True, digest.hexdigest()
 
 
 # ---------------------------------------------------------------- counts beside the shard
@@ -206,7 +248,10 @@ def sibling(location: str, name: str) -> str:
 
 def stem(location: str) -> str:
     base = location.rsplit("/", 1)[-1]
-    return base[:-4] if base.endswith(".tar") else base
+    for suffix in (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
 
 
 class SizesCache:
@@ -354,11 +399,11 @@ def _count(position: int, location: str, job: Job) -> dict:
             if n is not None:
                 ext = first_image_ext(location, job.storage_options)
                 return {"num_samples": n, "image_ext": ext, "index": "", "sha256": "", "source": source}
-    path, temporary = local_copy(location, job.storage_options, job.out / ".tmp")
+    path, temporary, sha256 = local_copy(location, job.storage_options, job.out / ".tmp")
     try:
         uids = parquet_uids(location, job.storage_options) if job.subset is not None and not is_pipe(location) \
             else {}
-        scan = scan_tar(path, want_uid=job.subset is not None and not uids)
+        scan = scan_tar(path, want_uid=job.subset is not None and not uids, sha256=sha256)
     finally:
         if temporary:
             os.unlink(path)

@@ -13,9 +13,13 @@ Each sample's augmentation is seeded from (seed, epoch, global sample index): wh
 like does not depend on the rank count, the worker or the resume point.
 
 Bad data: an unreadable sample (corrupt image, missing member, cut by a truncated shard, or in a
-shard that cannot be fetched after retries) is skipped and counted, and its slot takes the next
-readable sample of the same shuffle block, so every rank's batch stays full and the choice does
-not depend on the rank count. Shards come from ``train.data.shard_source`` (local, fsspec URLs, pipe:).
+shard that cannot be fetched after retries) is skipped and counted, and its slot takes a substitute
+(``train.data.shard_order.Substitutes``): a readable sample of the same shuffle block drawn at random, not
+one of the batch (else one of the epoch's other blocks), chosen from (seed, epoch, stream, step) and the
+data alone. So every rank's batch stays full, the choice does not depend on the rank count, worker or
+resume point, no sample appears twice in a global batch, and the stand-ins spread over the block (on average
+m / (S - m) extra uses per readable sample of a block with m of S unreadable). Shards come from
+``train.data.shard_source`` (local, fsspec URLs, pipe:).
 
 A mixture (``data.sources``) is one such order per source sharing the P streams (train/data/mixture.py): each
 stream's c samples of a step are the sources' fixed shares of it, read by one ShardReader per source.
@@ -37,8 +41,11 @@ import torch
 from common.shard_folder import Manifest, load_sample_index, read_manifest
 from train.data.decode import decode_image, find_member, image_member
 from train.data.mixture import DataOrder, make_data_order
-from train.data.shard_order import ShardOrder, Slot
-from train.data.shard_source import CountingFile, ShardCache, ShardUnavailable, is_remote, join, read_members
+from train.data.shard_order import ShardOrder, Slot, Substitutes
+from common.shard_folder import READABLE_COMPRESSIONS, ShardFormatError, compression_of, unreadable_compression
+from common.errors import InputError
+from train.data.shard_source import (CountingFile, ShardCache, ShardUnavailable, check_shard, is_remote, join,
+                                     read_members)
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +104,17 @@ class ShardReader:
                         "first: %s", self.rels[shard], kind, detail)
 
     def _local_path(self, shard: int) -> str:
+        """The shard as a local plain tar: remote and compressed ones through the cache (shard_source)."""
         url = self.urls[shard]
-        return self.cache.get(url, self.sha[shard]) if self.is_remote[shard] else url
+        if self.is_remote[shard]:
+            return self.cache.get(url, self.sha[shard])
+        with open(url, "rb") as f:  # 6 bytes per shard opened: its compression, whatever its name says
+            compression = compression_of(f.read(6))
+        if not compression:
+            return url
+        if compression not in READABLE_COMPRESSIONS:
+            raise unreadable_compression(self.rels[shard], compression)
+        return self.cache.get(url, self.sha[shard], key=self._identity(shard))
 
     def prefetch(self, shards: Sequence[int]) -> None:
         """Start fetching remote shards in the background (no-op for local ones)."""
@@ -119,8 +135,11 @@ class ShardReader:
             path = self._local_path(shard)
             index = self._manifest_index(shard)
             if index is None:  # shards without an ingestion index: scanned once per node, then shared
-                index = self.cache.index(path, self._identity(shard, path), self.bytes_read)
+                index = self.cache.index(path, self._identity(shard, path), self.bytes_read, self.rels[shard])
             handle = (CountingFile(path, self.bytes_read), index)
+        except ShardFormatError as err:  # the message names the shard, the rule and the fix
+            log.warning("%s; its samples are skipped (counted in skipped_samples)", err)
+            handle = None
         except (ShardUnavailable, OSError) as err:
             log.warning("shard %s unavailable, its samples are skipped (counted in skipped_samples): %s",
                         self.rels[shard], err)
@@ -132,12 +151,13 @@ class ShardReader:
                 old[0].close()
         return handle
 
-    def _identity(self, shard: int, path: str) -> str:
-        """What names a shard's content: URL + sha256 + size when cached, path + size + mtime when local."""
+    def _identity(self, shard: int, path: str = "") -> str:
+        """What names a shard's content: URL + sha256 + size of the cached ``path`` when remote, path + size +
+        mtime when local (of the file named, compressed or not)."""
         if self.is_remote[shard]:
             return f"{self.urls[shard]}:{self.sha[shard]}:{os.path.getsize(path)}"
-        st = os.stat(path)
-        return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+        st = os.stat(self.urls[shard])
+        return f"{os.path.realpath(self.urls[shard])}:{st.st_size}:{st.st_mtime_ns}"
 
     def _manifest_index(self, shard: int) -> Optional[np.ndarray]:
         """The sample index the ingestion wrote beside the shard (16 bytes per sample), if any."""
@@ -153,6 +173,22 @@ class ShardReader:
         except (ShardUnavailable, OSError, ValueError) as err:
             log.warning("sample index %s unusable (%s): scanning the tar instead", location, err)
             return None
+
+    def known_bad(self, shards: np.ndarray, inners: np.ndarray) -> np.ndarray:
+        """Bool mask of the (shard, index in shard) samples known unreadable without decoding: in a shard that is
+        unavailable, or past the end of its (truncated) tar. Opens the shards (Substitutes' filter)."""
+        bad = np.ones(len(shards), dtype=bool)
+        for shard in np.unique(shards).tolist():
+            handle = self.shard(shard)
+            if handle is None:
+                continue
+            f, index = handle
+            mine = shards == shard
+            wanted = inners[mine]
+            inside = wanted < len(index)
+            ends = index[np.minimum(wanted, max(len(index) - 1, 0)), 1] if len(index) else wanted
+            bad[mine] = ~inside | (ends > f.size)
+        return bad
 
     def read(self, shard: int, inner: int) -> Dict[str, bytes]:
         handle = self.shard(shard)
@@ -226,10 +262,14 @@ class StepBatches(torch.utils.data.IterableDataset):
                 for source, (order, reader) in enumerate(zip(orders, readers)):
                     slots = order.slots(step, stream)
                     self._prefetch(reader, order, slots[0])
+                    substitutes = None  # made at this stream's first unreadable slot of the step
                     for slot in slots:
-                        sample, bad = self._read_slot(reader, slot, source)
+                        sample, failures = self._read(reader, slot.sample(), slot, source, 0)
+                        if sample is None:
+                            substitutes = substitutes or Substitutes(order, step, stream, reader.known_bad, self.reserve(order))
+                            sample = self._substitute(reader, slot, substitutes, source, failures)
+                            skipped += 1
                         samples.append(sample)
-                        skipped += bad
             batch = collate(samples)
             batch.update(step=step, skipped=skipped, bytes_read=sum(r.bytes_read[0] for r in readers) - before)
             yield batch
@@ -243,29 +283,42 @@ class StepBatches(torch.utils.data.IterableDataset):
         if slot.block + 1 < len(blocks):
             reader.prefetch(blocks[slot.block + 1][:, 0])
 
-    def _read_slot(self, reader: ShardReader, slot: Slot, source: int) -> Tuple[dict, int]:
-        """The slot's sample, or the next readable one of its block; and 1 if the slot's own was unreadable."""
-        failures = 0
-        for attempt, (shard, inner, index) in enumerate(slot.candidates()):
-            try:
-                raw = reader.read(shard, inner)
-            except (ShardUnavailable, IndexError, OSError, KeyError) as err:  # known missing: no decode spent
-                if attempt == 0 and not isinstance(err, ShardUnavailable):  # (that one was logged by shard())
-                    reader.warn_once(shard, "missing", f"sample {inner}: {err}")
-                continue
-            try:
-                # Seeding per sample makes the augmentation independent of rank count, worker and resume point.
-                with torch.random.fork_rng(devices=[]):
-                    # the CPU generator only: torch.manual_seed also queues lazy CUDA/XPU/MTIA seeding, each
-                    # call formatting a stack trace (measured: 1.3 ms per sample, a quarter of a decode)
-                    torch.default_generator.manual_seed(sample_seed(self.recipe.seed, slot.epoch, index, source))
-                    return decode_sample(raw, self.recipe.transform, self.recipe.tokenizer,
-                                         *self.exts[source]), int(attempt > 0)
-            except Exception as err:
-                failures += 1
-                reader.warn_once(shard, "corrupt", f"sample {raw.get('__key__')}: {err}")
-                if failures > self.recipe.max_substitutions:
-                    break
+    def reserve(self, order: ShardOrder) -> int:
+        """Entries of a block's near sequence its own stream keeps (Substitutes): 2c, room for every slot of a
+        step and as many corrupt stand-ins (missing ones are left out of the sequence beforehand)."""
+        return 2 * order.per_stream
+
+    def _read(self, reader: ShardReader, candidate: Tuple[int, int, int], slot: Slot, source: int,
+              failures: int) -> Tuple[Optional[dict], int]:
+        """(the decoded sample or None when unreadable, decode failures so far for the slot)."""
+        shard, inner, index = candidate
+        try:
+            raw = reader.read(shard, inner)
+        except (ShardUnavailable, IndexError, OSError, KeyError) as err:  # known missing: no decode spent
+            if not isinstance(err, ShardUnavailable):  # (that one was logged by shard())
+                reader.warn_once(shard, "missing", f"sample {inner}: {err}")
+            return None, failures
+        try:
+            # Seeding per sample makes the augmentation independent of rank count, worker and resume point.
+            with torch.random.fork_rng(devices=[]):
+                # the CPU generator only: torch.manual_seed also queues lazy CUDA/XPU/MTIA seeding, each
+                # call formatting a stack trace (measured: 1.3 ms per sample, a quarter of a decode)
+                torch.default_generator.manual_seed(sample_seed(self.recipe.seed, slot.epoch, index, source))
+                return decode_sample(raw, self.recipe.transform, self.recipe.tokenizer, *self.exts[source]), failures
+        except Exception as err:
+            reader.warn_once(shard, "corrupt", f"sample {raw.get('__key__')}: {err}")
+            return None, failures + 1
+
+    def _substitute(self, reader: ShardReader, slot: Slot, substitutes: Substitutes, source: int,
+                    failures: int) -> dict:
+        """A stand-in for the unreadable ``slot`` (Substitutes: same block first, never one of the batch); a
+        RuntimeError after more than ``max_substitutions`` corrupt samples in a row, or when none is left."""
+        for candidate in substitutes.candidates(slot):
+            if failures > self.recipe.max_substitutions:
+                break
+            sample, failures = self._read(reader, candidate, slot, source, failures)
+            if sample is not None:
+                return sample
         raise RuntimeError(f"no readable sample for a slot of stream {slot.stream}, epoch {slot.epoch}, block "
                            f"{slot.block} ({failures} corrupt in a row; shards {list(map(int, slot.shards))}): "
                            "is the dataset intact and reachable?")
@@ -304,15 +357,31 @@ def read_manifests(data) -> List[Manifest]:
     return [read_manifest(src.path, dict(data.storage_options or {})) for src in data.datasets()]
 
 
+def check_first_shards(manifests: Sequence[Manifest], data) -> None:
+    """InputError (one line) when the first shard of a source without sample indexes (shards counted, not scanned:
+    a hand-written manifest, stats files) breaks a rule its shards would then all break (keys with dots, a
+    compression no reader here reads): said at start, not after an epoch of skipped samples. Indexed shards were
+    checked when they were scanned (the ingestion, ``python -m pipeline index``)."""
+    for manifest, src in zip(manifests, data.datasets()):
+        shards = manifest.split(src.split).shards
+        if shards and not shards[0].index:
+            try:
+                check_shard(join(manifest.root, shards[0].path), dict(data.storage_options or {}))
+            except ShardFormatError as err:
+                raise InputError(f"{src.path}: {err}") from None
+
+
 def build_loader(data, rank: int, world_size: int, seed: int, start_step: int, end_step: int,
                  transform: Callable, tokenizer: Callable) -> torch.utils.data.DataLoader:
     """Batches of this rank's b = B / W samples for optimizer steps start_step .. end_step - 1.
 
     ``data`` is a ``train.config.DataConfig`` (one dataset or a mixture). Each batch: image (b, 3, H, W) float,
     text (b, L) int64, keys (b sample keys), skipped (unreadable samples replaced in it), step, bytes_read
-    (shard bytes the worker read for it). Raises ValueError when W does not divide the partitions.
+    (shard bytes the worker read for it). Raises ValueError when W does not divide the partitions, InputError
+    when the first shard shows the dataset cannot be read (check_first_shards).
     """
     manifests = read_manifests(data)
+    check_first_shards(manifests, data)
     order = make_data_order(manifests, data, seed)
     cache = make_cache(data)
     sources = [Shards(m, src.split, cache) for m, src in zip(manifests, data.datasets())]

@@ -7,6 +7,12 @@ a half file under a final name. Processes of one node share the cache; a per-fil
 them download while the others wait. A failing source is retried with exponential backoff, then the
 shard is reported unavailable (the loader skips and counts its samples).
 
+Compressed shards (gzip, bzip2, xz: ``.tar.gz`` and the like, or a compressed stream under any name; found by
+their magic bytes) are decompressed into the same cache on the way, remote ones as they download and local
+ones on first use (keyed by path, size and mtime), because a sample is read by its byte offset in the tar.
+That costs their uncompressed size in ``data.cache_dir``; ``gunzip`` them once to avoid it. Other
+compressions (zstd) are refused in one line (``common.shard_folder.ShardFormatError``).
+
 Each shard has a compact index of its samples (numpy: start and end byte of each sample's members;
 the ingestion writes it beside the tar, see ``common.shard_folder.write_sample_index``; for shards
 without one it is scanned once per node and shared through the cache dir), so a sample is one
@@ -29,7 +35,9 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from common.shard_folder import KEY_EXT, index_tar, locate, save_sample_index
+from common.shard_folder import (KEY_EXT, READABLE_COMPRESSIONS, Inflater, ShardFormatError, compression_of,
+                                 dotted_key_error, dotted_key_member, index_tar, locate, save_sample_index,
+                                 unreadable_compression)
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -96,9 +104,11 @@ class ShardCache:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]
         return f"{digest}-{re.sub(r'[^A-Za-z0-9._-]', '_', url.rsplit('/', 1)[-1])[-80:]}"
 
-    def get(self, url: str, sha256: str = "") -> str:
-        """Local path of the shard at ``url``, downloading it first if needed; raises ShardUnavailable."""
-        path = self.dir / self.name_of(url)
+    def get(self, url: str, sha256: str = "", key: str = "") -> str:
+        """Local path of the shard at ``url`` (decompressed), downloading it first if needed; raises
+        ShardUnavailable, or ShardFormatError for a compression no reader here decompresses. ``key`` names the
+        content when the URL alone does not (a local compressed file: path, size and mtime)."""
+        path = self.dir / self.name_of(key or url)
         with open(self.dir / ".locks" / f"{path.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one downloader per file across workers and ranks of a node
             if not path.exists():
@@ -112,18 +122,25 @@ class ShardCache:
         for attempt in range(self.retries + 1):
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
             try:
-                digest, size = hashlib.sha256(), 0
+                digest, size, inflater = hashlib.sha256(), 0, None
                 with open_remote(url, self.storage_options) as src, open(tmp, "wb") as dst:
                     while chunk := src.read(CHUNK):
-                        dst.write(chunk)
-                        digest.update(chunk)
+                        digest.update(chunk)  # the checksum is the stored file's, compressed or not
+                        if size == 0 and compression_of(chunk):
+                            if compression_of(chunk) not in READABLE_COMPRESSIONS:
+                                raise unreadable_compression(url, compression_of(chunk))
+                            inflater = Inflater(compression_of(chunk))
                         size += len(chunk)
+                        dst.write(inflater.feed(chunk) if inflater else chunk)
                 if sha256 and digest.hexdigest() != sha256:
                     raise IOError(f"sha256 mismatch after {size} bytes (truncated or changed at the source)")
                 os.replace(tmp, path)  # complete and verified: only now does it get its final name
                 self.bytes_downloaded += size
                 return
-            except Exception as err:  # network, HTTP status, pipe exit code, checksum
+            except ShardFormatError:  # retrying does not change the file's format
+                tmp.unlink(missing_ok=True)
+                raise
+            except Exception as err:  # network, HTTP status, pipe exit code, checksum, damaged compression
                 last = err
                 tmp.unlink(missing_ok=True)
                 if attempt < self.retries:
@@ -133,10 +150,11 @@ class ShardCache:
                     time.sleep(delay)
         raise ShardUnavailable(f"{url}: {self.retries + 1} attempts failed, last: {last}")
 
-    def index(self, path: str, identity: str, counter: list) -> np.ndarray:
+    def index(self, path: str, identity: str, counter: list, shard: str = "") -> np.ndarray:
         """``index_tar`` of a local tar, computed once per node: the processes that share this cache load
         it from ``.idx-<hash>.npy`` (16 bytes per sample; kept, not evicted). ``identity`` names the
-        content (URL + sha256 for cached shards, path + size + mtime for local ones)."""
+        content (URL + sha256 for cached shards, path + size + mtime for local ones); ``shard`` names it in a
+        ShardFormatError (members whose keys ran together), which is raised as it is."""
         name = f".idx-{hashlib.sha1(identity.encode()).hexdigest()[:24]}.npy"
         sidecar = self.dir / name
         try:
@@ -144,15 +162,17 @@ class ShardCache:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not sidecar.exists():
                     with CountingFile(path, counter) as f:
-                        rows = index_tar(f)
+                        rows = index_tar(f, shard)
                     save_sample_index(rows, sidecar)
                     return rows
             counter[0] += sidecar.stat().st_size
             return np.load(sidecar)
         except (OSError, ValueError) as err:  # unwritable cache or damaged sidecar: index in memory instead
+            if isinstance(err, ShardFormatError):
+                raise
             log.warning("index sidecar %s unusable (%s); scanning the tar", sidecar, err)
             with CountingFile(path, counter) as f:
-                return index_tar(f)
+                return index_tar(f, shard)
 
     def evict(self, keep: Path) -> None:
         """Delete least recently used shards until the cache fits its limit (never ``keep``).
@@ -168,6 +188,38 @@ class ShardCache:
             if p != keep:
                 p.unlink(missing_ok=True)
                 total -= size
+
+
+def check_shard(location: str, storage_options: Optional[dict] = None, members: int = 16) -> None:
+    """ShardFormatError (one line) when the shard at ``location`` is compressed in a way no reader here reads,
+    or the members of its first sample (up to ``members``) ran together because of dots in their keys.
+    Anything else (missing, unreachable, damaged) is left to the loader, which skips and counts such samples;
+    ``pipe:`` commands are not checked (the loader meets the same rules per shard)."""
+    if location.startswith("pipe:"):
+        return
+    key, exts = None, []
+    try:
+        with (open_remote(location, storage_options) if is_remote(location) else open(location, "rb")) as f:
+            compression = compression_of(f.read(6))
+        if compression and compression not in READABLE_COMPRESSIONS:
+            raise unreadable_compression(location, compression)
+        with (open_remote(location, storage_options) if is_remote(location) else open(location, "rb")) as f, \
+                tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                match = KEY_EXT.match(member.name) if member.isfile() else None
+                if match is None:
+                    continue
+                if key is not None and match.group(1) != key or len(exts) >= members:
+                    break
+                key = match.group(1)
+                exts.append(match.group(2))
+    except ShardFormatError:
+        raise
+    except Exception:  # noqa: BLE001 - any read error: the loader's per-shard handling reports it
+        return
+    dotted = dotted_key_member(exts) if key is not None else None
+    if dotted is not None:
+        raise dotted_key_error(location, key, dotted)
 
 
 def read_members(fd: int, start: int, end: int) -> Dict[str, bytes]:
@@ -214,7 +266,7 @@ class CountingFile(io.RawIOBase):
     """A read-only file that counts the bytes read through it (read amplification accounting)."""
 
     def __init__(self, path: str, counter: list):
-        self.f, self.counter = open(path, "rb", buffering=0), counter
+        self.f, self.counter, self.name = open(path, "rb", buffering=0), counter, path
         self.size = os.fstat(self.f.fileno()).st_size
 
     def readable(self) -> bool:

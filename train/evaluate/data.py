@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.shard_folder import load_sample_index, locate, read_manifest
+from common.shard_folder import (READABLE_COMPRESSIONS, ShardFormatError, compression_of, dotted_key_error, dotted_key_member,
+                                 load_sample_index, locate, read_manifest, unreadable_compression)
 from train.data.decode import decode_image, find_member, image_member
 from train.data.shard_source import KEY_EXT, is_remote, open_remote
 
@@ -98,17 +99,38 @@ def _tar_samples(url: str, storage_options: Optional[dict], starts: Optional[set
     """{'__key__': key, ext: bytes} per sample of one tar, streamed in order (WebDataset grouping); with
     ``starts``, only the samples whose first member's header begins at one of those bytes.
 
-    EvalInputError naming the shard if it is missing, unreadable or not a complete tar: evaluation
-    never skips samples (its numbers would silently cover less of the split).
+    EvalInputError naming the shard if it is missing, unreadable or not a complete tar, compressed other than
+    with gzip, bzip2 or xz (which are read), or its members ran together (keys with dots: the rule in
+    common.shard_folder.dotted_key_member): evaluation never skips samples (its numbers would silently cover
+    less of the split).
     """
     try:
         for start, sample in _read_tar(url, storage_options):
+            dotted = dotted_key_member([k for k in sample if k != "__key__"])
+            if dotted is not None:
+                raise dotted_key_error(url, sample["__key__"], dotted)
             if starts is None or start in starts:
                 yield sample
+    except ShardFormatError as err:
+        raise EvalInputError(str(err)) from None
+    except tarfile.ReadError as err:
+        compression = _compression(url, storage_options)
+        if compression and compression not in READABLE_COMPRESSIONS:  # (zstd): say so, not "invalid header"
+            raise EvalInputError(str(unreadable_compression(url, compression))) from None
+        raise EvalInputError(f"shard {url} cannot be read (ReadError: {' '.join(str(err).split())[:200]}): "
+                             "restore it or rebuild the dataset") from None
     except (OSError, tarfile.TarError, EOFError) as err:
         what = "is missing" if isinstance(err, FileNotFoundError) else "cannot be read"
         raise EvalInputError(f"shard {url} {what} ({type(err).__name__}: {' '.join(str(err).split())[:200]}): "
                              "restore it or rebuild the dataset") from None
+
+
+def _compression(url: str, storage_options: Optional[dict]) -> str:
+    try:
+        with open_remote(url, storage_options) if is_remote(url) else open(url, "rb") as f:
+            return compression_of(f.read(6))
+    except Exception:  # noqa: BLE001 - unreadable: the caller's own message stands
+        return ""
 
 
 def _read_tar(url: str, storage_options: Optional[dict]) -> Iterator[Tuple[int, dict]]:

@@ -16,23 +16,10 @@ import torch
 from PIL import Image
 
 from common.shard_folder import Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
-from tests.harness.data_fixtures import corrupt_copy, make_digits_dataset, readable_keys, with_sample_indexes
+from tests.harness.data_fixtures import corrupt_copy, readable_keys, with_sample_indexes
 from train.data import loader as data_lib
 from train.config import DataConfig
-from train.config import ModelConfig
-from train.model.build import build_model
 from train.data.shard_order import ShardOrder, auto_partitions
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return make_digits_dataset(tmp_path_factory.mktemp("digits") / "ds", n_train=96, n_val=16, shard_size=16)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    _, train_transform, _, tokenizer = build_model(ModelConfig())
-    return train_transform, tokenizer
 
 
 def batches(folder, tiny, rank=0, world=1, start=0, end=9, workers=0, batch=16, partitions=4, window=2, seed=7):

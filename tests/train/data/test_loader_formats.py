@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq

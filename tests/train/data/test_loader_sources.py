@@ -24,8 +24,6 @@ from tests.harness.data_fixtures import make_digits_dataset, with_sample_indexes
 from benchmarks.s3_server import SeaweedS3, weed_binary
 from train.data import loader as data_lib
 from train.config import DataConfig
-from train.config import ModelConfig
-from train.model.build import build_model
 from train.data.shard_source import ShardCache
 from common.paths import REPO_ROOT
 
@@ -44,12 +42,6 @@ def served(tmp_path_factory) -> Path:
               for name, split in manifest.splits.items()}
     write_manifest(folder, Manifest(splits=splits))
     return folder
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    _, train_transform, _, tokenizer = build_model(ModelConfig())
-    return train_transform, tokenizer
 
 
 def load(path, tiny, cache_dir="", workers=0, end=6, **options):

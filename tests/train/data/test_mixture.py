@@ -16,10 +16,9 @@ import torch
 from common.config_loader import load_config
 from common.errors import ConfigError
 from tests.harness.data_fixtures import make_digits_dataset
-from train.config import DataConfig, DataSource, ModelConfig, TrainConfig
+from train.config import DataConfig, DataSource, TrainConfig
 from train.data import loader as data_lib
 from train.data.mixture import apportion, make_data_order
-from train.model.build import build_model
 
 
 def hamilton(weights, total):
@@ -47,12 +46,6 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
     a = make_digits_dataset(root / "a", n_train=96, n_val=32, shard_size=16)             # keys 0..95 | 96..127
     b = make_digits_dataset(root / "b", n_train=200, n_val=48, shard_size=16, seed=1)   # val keys 200..247
     return a, b
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    _, train_transform, _, tokenizer = build_model(ModelConfig())
-    return train_transform, tokenizer
 
 
 def source_of(key: str) -> str:
