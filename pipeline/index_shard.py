@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import posixpath
-import shutil
 import subprocess
 import tarfile
 import tempfile
