@@ -44,6 +44,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> Optional[dict]:
     check_dataset(cfg, world_size)
     check_zeroshot_sets(cfg)
     check_run_dir(cfg)
+    check_device(cfg.run.device)
     finished = check_resume(cfg)
     check_model(cfg)
     check_pretrained(cfg)
@@ -236,3 +237,19 @@ def check_weights_file(weights: str) -> None:
                           f"({type(err).__name__}: {' '.join(str(err).split())[:150]})") from None
     if not isinstance(state, dict) or not state:
         raise InputError(f"model.pretrained={weights}: holds a {type(state).__name__}, not a state dict")
+
+
+def check_device(wanted: str, local_rank: Optional[int] = None) -> None:
+    """``run.device`` names a device this process can use: 'cuda' needs a visible GPU for its local rank
+    (LOCAL_RANK, default 0). Raises ConfigError (one line) before DeepSpeed starts, in ``--dry-run`` too."""
+    if wanted != "cuda":
+        return  # 'cpu' always exists; 'auto' falls back to the CPU
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0) if local_rank is None else local_rank
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local_rank >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f"{count} CUDA GPU(s) visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+        raise ConfigError(f"run.device=cuda but {seen}, and local rank {local_rank} needs GPU {local_rank}: "
+                          "use run.device=cpu (or auto), or run on a node with enough GPUs")

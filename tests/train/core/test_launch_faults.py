@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import EXIT_REQUEUE, EXIT_USER_ERROR
+from common.net import free_port
 from common.paths import REPO_ROOT
 from tests.harness.data_fixtures import make_digits_dataset
 
@@ -66,3 +67,70 @@ def test_stop_signal_during_startup_exits_3_and_a_second_is_not_a_kill(digits, t
     assert "Traceback" not in text, text[-3000:]
     assert f"signal {int(first)} during start-up: exiting with 3" in text, text[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()    # nothing trained, nothing half-saved
+
+
+# ----------------------------------------------------------------------------- row 14
+def run_train(data: Path, tmp_path: Path, *extra: str, dry_run: bool = False, timeout: float = 90, **env_extra):
+    cmd = [sys.executable, "-m", "train", *(["--dry-run"] if dry_run else []), "--config", CONFIG,
+           *train_args(data, tmp_path / "run", *extra)]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, cwd=tmp_path, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+    return done, time.monotonic() - t0
+
+
+def assert_one_line(done, *needles: str) -> str:
+    assert done.returncode == EXIT_USER_ERROR, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_cuda_without_a_gpu_is_one_line_before_deepspeed(digits, tmp_path, dry_run):
+    done, took = run_train(digits, tmp_path, "run.device=cuda", dry_run=dry_run, CUDA_VISIBLE_DEVICES="")
+    assert_one_line(done, "run.device=cuda", "0 CUDA GPU(s) visible")
+    assert took < 30 and "rendezvous" not in done.stderr   # refused in the preflight, before any process group
+
+
+def test_cuda_for_a_local_rank_beyond_the_gpus_is_one_line(digits, tmp_path):
+    """Own input: local rank 3 (as on a 4-GPU node) where fewer GPUs are visible (here none): the local rank is named."""
+    done, _ = run_train(digits, tmp_path, "run.device=cuda", dry_run=True, RANK="0", WORLD_SIZE="4", LOCAL_RANK="3")
+    assert_one_line(done, "local rank 3 needs GPU 3")
+
+
+def test_stale_world_size_with_no_peer_gives_up_within_the_timeout(digits, tmp_path):
+    port = free_port()
+    done, took = run_train(digits, tmp_path, RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port), RENDEZVOUS_TIMEOUT_S="3")
+    assert_one_line(done, "rank 0 of 2", f"127.0.0.1:{port}", "within 3 s", "stale WORLD_SIZE")
+    assert f"rank 0 waits up to 3 s (RENDEZVOUS_TIMEOUT_S) for all 2 ranks at 127.0.0.1:{port}" in done.stderr
+    assert took < 60, took   # torch's default is 1,800 s of silence
+
+
+def test_busy_master_port_is_one_line(digits, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done, took = run_train(digits, tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert_one_line(done, f"127.0.0.1:{port}", "MASTER_PORT is already in use")
+    assert took < 60, took
+
+
+def test_unresolvable_master_addr_is_one_line(digits, tmp_path):
+    """Own input: a worker rank whose MASTER_ADDR names no host."""
+    done, took = run_train(digits, tmp_path, RANK="1", WORLD_SIZE="2", LOCAL_RANK="0",
+                           MASTER_ADDR="no-such-host.invalid", MASTER_PORT="29555", RENDEZVOUS_TIMEOUT_S="3")
+    assert done.returncode == EXIT_USER_ERROR and "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if "rendezvous failed for rank 1 of 2" in line]
+    assert len(lines) == 1 and "no-such-host.invalid:29555" in lines[0], done.stderr[-3000:]
+    assert "MASTER_ADDR does not resolve" in lines[0], lines[0]
+    assert took < 30, took   # resolved up front: no retries until the timeout
+
+
+def test_rendezvous_timeout_must_be_a_positive_whole_number(digits, tmp_path):
+    done, _ = run_train(digits, tmp_path, RENDEZVOUS_TIMEOUT_S="soon")
+    assert_one_line(done, "RENDEZVOUS_TIMEOUT_S='soon'")
