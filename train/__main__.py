@@ -25,7 +25,22 @@ def _on_startup_signal(signum, _frame=None) -> None:
     # half-built (a segfault follows), and before the first step this process holds nothing to save.
     os.write(2, f"signal {int(signum)} during start-up: exiting with {EXIT_REQUEUE} (requeue me) before "
                 f"training\n".encode())
+    _write_exit_marker(EXIT_REQUEUE)
     os._exit(EXIT_REQUEUE)
+
+
+def _write_exit_marker(code: int) -> None:
+    """For ``python -m train.launch.torchrun``, which maps torchrun's failure back to 3 (see there): the file
+    ``$TRAIN_EXIT_DIR/rank-<RANK>`` holds "<code> <world size>". No import: it also runs in a signal handler."""
+    folder = os.environ.get("TRAIN_EXIT_DIR")
+    if not folder:
+        return
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    try:
+        with open(os.path.join(folder, f"rank-{rank}"), "w") as marker:
+            marker.write(f"{code} {world}\n")
+    except OSError:
+        pass  # the wrapper then keeps torchrun's own code: never fail the exit itself
 
 
 def _install_startup_handler() -> None:
@@ -60,6 +75,7 @@ def cli(argv: list) -> int:
 
     code = run_entry_point(_train, argv, on_exit=_teardown)
     _ignore_further_signals()
+    _write_exit_marker(code)
     return code
 
 

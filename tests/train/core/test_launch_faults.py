@@ -97,7 +97,7 @@ def test_cuda_without_a_gpu_is_one_line_before_deepspeed(digits, tmp_path, dry_r
 
 def test_cuda_for_a_local_rank_beyond_the_gpus_is_one_line(digits, tmp_path):
     """Own input: local rank 3 (as on a 4-GPU node) where fewer GPUs are visible (here none): the local rank is named."""
-    done, _ = run_train(digits, tmp_path, "run.device=cuda", dry_run=True, RANK="0", WORLD_SIZE="4", LOCAL_RANK="3")
+    done, _ = run_train(digits, tmp_path, "run.device=cuda", dry_run=True, RANK="0", WORLD_SIZE="2", LOCAL_RANK="3")
     assert_one_line(done, "local rank 3 needs GPU 3")
 
 
@@ -134,3 +134,31 @@ def test_unresolvable_master_addr_is_one_line(digits, tmp_path):
 def test_rendezvous_timeout_must_be_a_positive_whole_number(digits, tmp_path):
     done, _ = run_train(digits, tmp_path, RENDEZVOUS_TIMEOUT_S="soon")
     assert_one_line(done, "RENDEZVOUS_TIMEOUT_S='soon'")
+
+
+# ----------------------------------------------------------------------------- row 13
+def torchrun_cmd(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "train.launch.torchrun", "--nproc-per-node=2", "--master-port", str(free_port()),
+            "-m", "train", "--config", CONFIG, *train_args(data, run_dir, "optim.steps=30", *extra)]
+
+
+def latest_step(run_dir: Path) -> int:
+    checkpoints = run_dir / "checkpoints"
+    return int((checkpoints / "latest").read_text().strip().split("_")[1])
+
+
+def test_torchrun_wrapper_keeps_exit_3_of_stop_after_steps(digits, tmp_path):
+    """The row: 2 real ranks under torchrun, run.stop_after_steps=1 -> torchrun alone exits 1; the wrapper 3."""
+    done = subprocess.run(torchrun_cmd(digits, tmp_path / "run", "run.stop_after_steps=1"), cwd=tmp_path,
+                          env=env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == EXIT_REQUEUE, done.stderr[-3000:]
+    assert "every rank stopped with a checkpoint: exit 3" in done.stderr
+    assert latest_step(tmp_path / "run") == 1   # the independent reference: the stop checkpoint is there
+
+
+def test_torchrun_wrapper_keeps_torchruns_code_when_a_rank_fails(digits, tmp_path):
+    """Own input of the kind: a real failure (a user error on every rank) is not turned into a requeue."""
+    done = subprocess.run(torchrun_cmd(digits, tmp_path / "run", "model.name=no-such-model"), cwd=tmp_path,
+                          env=env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode not in (0, EXIT_REQUEUE), done.stderr[-3000:]
+    assert "every rank stopped" not in done.stderr
