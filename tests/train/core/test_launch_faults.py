@@ -120,20 +120,34 @@ def test_busy_master_port_is_one_line(digits, tmp_path):
     assert took < 60, took
 
 
-def test_unresolvable_master_addr_is_one_line(digits, tmp_path):
-    """Own input: a worker rank whose MASTER_ADDR names no host."""
-    done, took = run_train(digits, tmp_path, RANK="1", WORLD_SIZE="2", LOCAL_RANK="0",
-                           MASTER_ADDR="no-such-host.invalid", MASTER_PORT="29555", RENDEZVOUS_TIMEOUT_S="3")
-    assert done.returncode == EXIT_USER_ERROR and "Traceback" not in done.stderr, done.stderr[-3000:]
-    lines = [line for line in done.stderr.splitlines() if "rendezvous failed for rank 1 of 2" in line]
-    assert len(lines) == 1 and "no-such-host.invalid:29555" in lines[0], done.stderr[-3000:]
-    assert "MASTER_ADDR does not resolve" in lines[0], lines[0]
-    assert took < 30, took   # resolved up front: no retries until the timeout
+def test_unresolvable_master_addr_is_one_line(monkeypatch):
+    """Own input: a worker rank whose MASTER_ADDR names no host (in-process: refused before any process group)."""
+    from common.errors import ConfigError
+    from train.core.distributed import init_distributed_from_env
+
+    for key, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="no-such-host.invalid",
+                           MASTER_PORT="29555").items():
+        monkeypatch.setenv(key, value)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        init_distributed_from_env(timeout_s=3, device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and "rank 1 of 2 at no-such-host.invalid:29555" in message, message
+    assert "MASTER_ADDR does not resolve" in message, message
+    assert time.monotonic() - t0 < 3   # resolved up front, not retried until the timeout
 
 
-def test_rendezvous_timeout_must_be_a_positive_whole_number(digits, tmp_path):
-    done, _ = run_train(digits, tmp_path, RENDEZVOUS_TIMEOUT_S="soon")
-    assert_one_line(done, "RENDEZVOUS_TIMEOUT_S='soon'")
+@pytest.mark.parametrize("raw,want", [("", 180), ("7", 7), ("soon", None), ("0", None), ("-5", None)])
+def test_rendezvous_timeout_is_a_positive_whole_number(monkeypatch, raw, want):
+    from common.errors import ConfigError
+    from train.core.distributed import rendezvous_timeout_s
+
+    monkeypatch.setenv("RENDEZVOUS_TIMEOUT_S", raw)
+    if want is None:
+        with pytest.raises(ConfigError, match="RENDEZVOUS_TIMEOUT_S"):
+            rendezvous_timeout_s()
+    else:
+        assert rendezvous_timeout_s() == want
 
 
 # ----------------------------------------------------------------------------- row 13
