@@ -32,19 +32,21 @@ RESUME_KEYS = ("model.", "loss.", "optim.", "data.path", "data.sources", "data.s
 RESUME_FREE = ("optim.steps", "optim.max_nonfinite_steps", "optim.fused_adamw", "model.config_file")
 
 
-def preflight(cfg: TrainConfig, world_size: int) -> Optional[dict]:
+def preflight(cfg: TrainConfig, world_size: int, device: bool = True) -> Optional[dict]:
     """Raise ConfigError for the first problem found: batch vs world size, dataset folder, split,
     global batch vs split size, data.streams vs world size, run.run_dir, run.resume (and, for
     run.resume=latest, a changed run-defining key), model.name, model.pretrained.
 
-    Returns {step, message} when run.resume=latest finds this run already finished (nothing to do), else None."""
+    Returns {step, message} when run.resume=latest finds this run already finished (nothing to do), else None.
+    ``device`` False skips run.device (a submit host need not have the compute nodes' GPUs)."""
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     cfg.check_world_size(world_size)
     check_dataset(cfg, world_size)
     check_zeroshot_sets(cfg)
     check_run_dir(cfg)
-    check_device(cfg.run.device)
+    if device:
+        check_device(cfg.run.device)
     finished = check_resume(cfg)
     check_model(cfg)
     check_pretrained(cfg)
