@@ -63,7 +63,7 @@ run_training() {
   echo "$(date -Is) srun exit code $rc"
 
   if [ "$rc" -eq "$exit_requeue" ]; then
-    echo "$(date -Is) checkpointed on signal: requeueing job $SLURM_JOB_ID"
+    echo "$(date -Is) stopped on a signal (exit $exit_requeue: checkpointed, or still starting up): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && return 0
     echo "scontrol requeue failed (job submitted with --no-requeue?)"
   fi

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ import torch.distributed as dist
 # all_reduce's backward an all_reduce with the same op (gloo and NCCL alike in torch 2.14).
 import torch.distributed._functional_collectives as funcol
 
+from common.errors import ConfigError
 from common.net import free_port
 
 log = logging.getLogger(__name__)
@@ -119,22 +121,67 @@ def discover_launcher_env() -> dict[str, str]:
     return {key: env[key] for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
-def init_distributed_from_env(timeout_s: int = 1800, device: str = "auto") -> tuple[int, int, int]:
+RENDEZVOUS_TIMEOUT_ENV = "RENDEZVOUS_TIMEOUT_S"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 180  # long enough for a slow node's start-up; not torch's 30 min of silence
+
+
+def rendezvous_timeout_s() -> int:
+    """Seconds the rendezvous waits for every rank (env RENDEZVOUS_TIMEOUT_S, default 180). Raises ConfigError
+    for a value that is not a positive integer."""
+    raw = os.environ.get(RENDEZVOUS_TIMEOUT_ENV, "")
+    if not raw:
+        return DEFAULT_RENDEZVOUS_TIMEOUT_S
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{RENDEZVOUS_TIMEOUT_ENV}={raw!r}: must be a whole number of seconds >= 1")
+    return int(raw)
+
+
+def _rendezvous_error(err: BaseException, found: dict, timeout_s: int) -> ConfigError:
+    """The one line for a rendezvous that failed: which rank, which world size, which address, and why."""
+    where = f"rank {found['RANK']} of {found['WORLD_SIZE']} at {found['MASTER_ADDR']}:{found['MASTER_PORT']}"
+    text = " ".join(str(err).split()).lower()
+    if "address already in use" in text or "eaddrinuse" in text:
+        why = "MASTER_PORT is already in use on this host: pick a free MASTER_PORT (or unset it)"
+    elif "timed out" in text or "timeout" in text or isinstance(err, TimeoutError):
+        why = (f"not every rank arrived within {timeout_s} s ({RENDEZVOUS_TIMEOUT_ENV}): start all "
+               f"{found['WORLD_SIZE']} ranks, or unset a stale WORLD_SIZE/RANK left in the environment")
+    elif "name or service not known" in text or "resolve" in text or "gaierror" in text or "nodename" in text:
+        why = "MASTER_ADDR does not resolve to an address of this network"
+    else:
+        why = " ".join(str(err).split())[:300]
+    return ConfigError(f"rendezvous failed for {where}: {why}")
+
+
+def init_distributed_from_env(timeout_s: int | None = None, device: str = "auto") -> tuple[int, int, int]:
     """Discover the launcher, then ``deepspeed.init_distributed`` (gloo on CPU, NCCL on GPU).
 
     On a GPU (``device`` 'auto' or 'cuda') the process selects cuda:LOCAL_RANK first, so NCCL's
     communicator and every collective tensor of this rank live on its own GPU. Returns (rank, world_size,
-    local_rank).
+    local_rank). The rendezvous waits at most ``timeout_s`` (default ``rendezvous_timeout_s()``) and says,
+    in one log line, whom it waits for; a busy MASTER_PORT, a missing peer (e.g. a stale WORLD_SIZE) or an
+    unresolvable MASTER_ADDR raise ConfigError (one line) instead of a traceback or a silent hang.
     """
     from datetime import timedelta
 
     import deepspeed
 
+    timeout_s = rendezvous_timeout_s() if timeout_s is None else timeout_s
     found = discover_launcher_env()
     log.info("rank %s of %s (local rank %s), rendezvous %s:%s", found["RANK"], found["WORLD_SIZE"],
              found["LOCAL_RANK"], found["MASTER_ADDR"], found["MASTER_PORT"])
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(int(found["LOCAL_RANK"]))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(seconds=timeout_s))
+        if found["WORLD_SIZE"] != "1":
+            log.info("rank %s waits up to %d s (%s) for all %s ranks at %s:%s", found["RANK"], timeout_s,
+                     RENDEZVOUS_TIMEOUT_ENV, found["WORLD_SIZE"], found["MASTER_ADDR"], found["MASTER_PORT"])
+        try:
+            # Resolve first: torch retries an unknown host until the timeout, then throws from C++.
+            socket.getaddrinfo(found["MASTER_ADDR"], int(found["MASTER_PORT"]))
+            deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, OSError, ValueError) as err:   # DistNetworkError/DistStoreError are RuntimeErrors
+            error = _rendezvous_error(err, found, timeout_s)
+            if found["RANK"] != "0":   # the entry point prints rank 0's line only; each rank fails on its own
+                log.error("%s", error)
+            raise error from err
     return int(found["RANK"]), int(found["WORLD_SIZE"]), int(found["LOCAL_RANK"])

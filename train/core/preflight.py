@@ -32,18 +32,21 @@ RESUME_KEYS = ("model.", "loss.", "optim.", "data.path", "data.sources", "data.s
 RESUME_FREE = ("optim.steps", "optim.max_nonfinite_steps", "optim.fused_adamw", "model.config_file")
 
 
-def preflight(cfg: TrainConfig, world_size: int) -> Optional[dict]:
+def preflight(cfg: TrainConfig, world_size: int, device: bool = True) -> Optional[dict]:
     """Raise ConfigError for the first problem found: batch vs world size, dataset folder, split,
     global batch vs split size, data.streams vs world size, run.run_dir, run.resume (and, for
     run.resume=latest, a changed run-defining key), model.name, model.pretrained.
 
-    Returns {step, message} when run.resume=latest finds this run already finished (nothing to do), else None."""
+    Returns {step, message} when run.resume=latest finds this run already finished (nothing to do), else None.
+    ``device`` False skips run.device (a submit host need not have the compute nodes' GPUs)."""
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     cfg.check_world_size(world_size)
     check_dataset(cfg, world_size)
     check_zeroshot_sets(cfg)
     check_run_dir(cfg)
+    if device:
+        check_device(cfg.run.device)
     finished = check_resume(cfg)
     check_model(cfg)
     check_pretrained(cfg)
@@ -236,3 +239,19 @@ def check_weights_file(weights: str) -> None:
                           f"({type(err).__name__}: {' '.join(str(err).split())[:150]})") from None
     if not isinstance(state, dict) or not state:
         raise InputError(f"model.pretrained={weights}: holds a {type(state).__name__}, not a state dict")
+
+
+def check_device(wanted: str, local_rank: Optional[int] = None) -> None:
+    """``run.device`` names a device this process can use: 'cuda' needs a visible GPU for its local rank
+    (LOCAL_RANK, default 0). Raises ConfigError (one line) before DeepSpeed starts, in ``--dry-run`` too."""
+    if wanted != "cuda":
+        return  # 'cpu' always exists; 'auto' falls back to the CPU
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0) if local_rank is None else local_rank
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local_rank >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f"{count} CUDA GPU(s) visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+        raise ConfigError(f"run.device=cuda but {seen}, and local rank {local_rank} needs GPU {local_rank}: "
+                          "use run.device=cpu (or auto), or run on a node with enough GPUs")

@@ -112,7 +112,7 @@ def check_config(config: str | Path, overrides: Sequence[str], world_size: int, 
     if preflight:
         from train.core.preflight import preflight as run_preflight
 
-        run_preflight(cfg, world_size)
+        run_preflight(cfg, world_size, device=False)  # the GPUs are the compute nodes', not this host's
 
 
 @dataclass(frozen=True)
