@@ -123,6 +123,7 @@ def discover_launcher_env() -> dict[str, str]:
 
 RENDEZVOUS_TIMEOUT_ENV = "RENDEZVOUS_TIMEOUT_S"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 180  # long enough for a slow node's start-up; not torch's 30 min of silence
+COLLECTIVE_TIMEOUT_S = 1800  # each collective after the rendezvous: torch's default, as before
 
 
 def rendezvous_timeout_s() -> int:
@@ -184,4 +185,8 @@ def init_distributed_from_env(timeout_s: int | None = None, device: str = "auto"
             if found["RANK"] != "0":   # the entry point prints rank 0's line only; each rank fails on its own
                 log.error("%s", error)
             raise error from err
+        set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+        # The rendezvous bound must not bound collectives too: a rank waits at a barrier while rank 0 writes a
+        # large checkpoint, and NCCL's watchdog would abort the job after the rendezvous timeout.
+        set_timeout(timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return int(found["RANK"]), int(found["WORLD_SIZE"]), int(found["LOCAL_RANK"])
