@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -218,14 +219,31 @@ class CheckpointManager:
         return torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=True)
 
 
+STEP_FOLDER = re.compile(r"^step_\d+$")  # step_tag's names (not .partial_*, not *_universal)
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
-    """RUN_DIR's newest complete checkpoint (what ``checkpoints/latest`` names), or None."""
+    """RUN_DIR's newest complete checkpoint: the one ``checkpoints/latest`` names, or None when there is none.
+
+    When the pointer is missing, empty, damaged or names a folder that is gone or incomplete (deleted by hand,
+    a disk cleaned up), the newest complete ``step_*`` folder is taken instead, with a warning: a resume never
+    falls back to step 0 over checkpoints that exist. InputError (one line) when the pointer names a checkpoint
+    that is gone and no other complete one is left, since starting over would then be silent."""
     folder = Path(run_dir) / "checkpoints"
     marker = folder / LATEST
-    if not marker.is_file():
-        return None
-    path = folder / marker.read_text().strip()
-    return path if (path / TRAINER_STATE).is_file() else None
+    named = marker.read_text(errors="replace").strip() if marker.is_file() else None
+    if named and STEP_FOLDER.match(named) and (folder / named / TRAINER_STATE).is_file():
+        return folder / named
+    complete = sorted(p for p in folder.glob("step_*") if STEP_FOLDER.match(p.name) and (p / TRAINER_STATE).is_file())
+    if complete:
+        said = "is missing" if named is None else f"names {named!r}, which is gone or incomplete"
+        logging.getLogger("train").warning("%s %s: resuming from the newest complete checkpoint, %s", marker, said,
+                                           complete[-1].name)
+        return complete[-1]
+    if named is not None:
+        raise InputError(f"run.resume=latest: {marker} names {named!r}, which is gone or incomplete, and {folder} "
+                         "holds no other complete checkpoint: restore it, or start over with run.resume=none")
+    return None
 
 
 def complete_checkpoint(path: str | os.PathLike) -> Path:
