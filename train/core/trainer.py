@@ -33,6 +33,7 @@ from train.core.export import export_engine
 from train.core.policies import NonFinitePolicy, RankAgreement, StopPolicy
 from train.core.preflight import preflight
 from train.core.remote_checkpoint import remote_from_config
+from train.core.run_lock import hold_run_lock, release_run_lock
 from train.core.run_log import MetricsWriter, SampleKeysWriter
 from train.core.schedule import cosine_lr
 from train.core.state import RNGState, StatefulLoader, TrainProgress
@@ -319,8 +320,15 @@ def main(argv: list[str]) -> dict:
         log.info("%s", finished["message"])
     if args.dry_run or finished:
         return {"step": (finished or {}).get("step", 0), "exit_code": EXIT_OK, "run_dir": cfg.run.run_dir, "last": {}}
-    trainer = Trainer(cfg)
+    leader = discover_launcher_env()["RANK"] == "0"
+    if leader:  # one training per run folder (train/core/run_lock.py); the others' rendezvous then fails
+        hold_run_lock(cfg.run.run_dir)
     try:
-        return trainer.fit()
+        trainer = Trainer(cfg)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        if leader:
+            release_run_lock(cfg.run.run_dir)

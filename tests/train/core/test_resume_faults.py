@@ -1,4 +1,5 @@
-"""Resume faults (issue 23, row 6): ``checkpoints/latest`` that names a checkpoint that is gone.
+"""Resume faults (issue 23, rows 6 and 10): ``checkpoints/latest`` that names a checkpoint that is gone; the
+same command started twice on one run folder.
 
 Reported: with ``run.resume=latest`` the run silently started over at step 0 and wrote over the complete
 checkpoint it had. Now the newest complete checkpoint is resumed (one warning), or, with none left, the run
@@ -86,3 +87,33 @@ def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_one_before(t
     assert (checkpoints / step_tag(2) / TRAINER_STATE).read_bytes() == saved  # never written over
     assert (checkpoints / LATEST).read_text().strip() == step_tag(6)
     assert CheckpointManager.load_trainer_state(checkpoints / step_tag(6))["step"] == 6
+
+
+def test_a_second_training_on_a_busy_run_folder_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path):
+    """Row 10: the same command started twice on one run folder. The second is refused in one line naming the
+    first (also when the folder is spelled through a symlink); once the first is killed (-9), the folder is free."""
+    from tests.harness.rank_launcher import launch_ranks
+    from tests.train.core.test_train_deepspeed import wait_for_step
+    from train.core.run_lock import hold_run_lock, release_run_lock
+
+    data = make_digits_dataset(tmp_path / "ds", n_train=64, n_val=16, shard_size=16)
+    args = ["--config", str(REPO_ROOT / "configs" / "pretrain_cyclip.yaml"), f"data.path={data}",
+            f"run.run_dir={tmp_path / 'run'}", "data.global_batch_size=8", "data.num_workers=0",
+            "optim.steps=100000", "checkpoint.every_steps=100000", "logging.progress_bar=false",
+            "logging.tensorboard=false", "logging.log_sample_keys=true"]
+    (first,) = launch_ranks(tmp_path, "run", 1, args)
+    try:
+        wait_for_step(tmp_path / "run" / "sample_keys" / "rank0.jsonl", 1, [first])
+        second = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
+        assert f"is in use by pid {first.pid} on" in lines[0], lines
+        (tmp_path / "alias").symlink_to(tmp_path / "run")
+        with pytest.raises(InputError, match=f"in use by pid {first.pid}"):
+            hold_run_lock(tmp_path / "alias")
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    hold_run_lock(tmp_path / "alias")  # the dead run's lock is gone with it
+    release_run_lock(tmp_path / "alias")
