@@ -160,6 +160,7 @@ def check_resume(cfg: TrainConfig) -> Optional[dict]:
         raise ConfigError(f"run.resume=latest: {where} was trained with other settings "
                           f"({'; '.join(changed)}); use a new run.run_dir, or run.resume=none to start over in "
                           "this one, or pass the old values to continue it")
+    check_same_data(cfg, saved, where)
     step = int(saved.get("step", 0))
     exported = not cfg.checkpoint.export or is_export_dir(Path(cfg.run.run_dir) / "export")
     if step >= cfg.optim.steps and exported:  # (without its export the trainer starts, to write it)
@@ -168,14 +169,44 @@ def check_resume(cfg: TrainConfig) -> Optional[dict]:
     return None
 
 
+def check_same_data(cfg: TrainConfig, saved: dict, where: str) -> None:
+    """The dataset's identity, not its path's spelling: where data.path (or a source's path) is written otherwise
+    than in the checkpoint (relative, through a link, the same shards copied elsewhere), the order this run would
+    read (``shards_sha1`` of each split: shard names, counts, checksums; and sizes, batch, streams, seed) must be
+    the checkpoint's. ConfigError (one line) when it is other data."""
+    from train.data.mixture import make_data_order
+
+    old = [s.get("path") for s in saved.get("config", {}).get("data", {}).get("sources") or []] or \
+        [saved.get("config", {}).get("data", {}).get("path")]
+    new = [src.path for src in cfg.data.datasets()]
+    order = (saved.get("states", {}).get("data") or {}).get("order")
+    if old == new or order is None:
+        return
+    manifests = [_read_dataset(src.path, "data.path", cfg.data.storage_options) for src in cfg.data.datasets()]
+    try:
+        make_data_order(manifests, cfg.data, cfg.run.seed).check_resume(order)
+    except ValueError as err:
+        raise ConfigError(f"run.resume=latest: {where} was trained on {', '.join(map(str, old))}, and "
+                          f"{', '.join(new)} holds other data ({' '.join(str(err).split())})") from None
+
+
 def changed_run_keys(saved: dict, current: dict) -> list:
-    """'key: old -> new' for every run-defining key (RESUME_KEYS) whose value differs from the saved config."""
-    old, new = flat_fields(saved), flat_fields(current)
+    """'key: old -> new' for every run-defining key (RESUME_KEYS) whose value differs from the saved config.
+    Dataset locations are left to check_same_data (the data's identity, not the path's spelling)."""
+    old, new = flat_fields(_without_paths(saved)), flat_fields(_without_paths(current))
     # A checkpoint written before a key was renamed holds the old name: compare it under the new one.
     old.update({renamed: old.pop(key) for key, renamed in TrainConfig.RENAMED.items() if key in old})
     defining = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_KEYS)  # noqa: E731
     keys = [k for k in new if k in old and k not in RESUME_FREE and defining(k)]
     return [f"{k}: {old[k]} -> {new[k]}" for k in keys if old[k] != new[k]]
+
+
+def _without_paths(config: dict) -> dict:
+    data = dict(config.get("data") or {})
+    data.pop("path", None)
+    if data.get("sources"):
+        data["sources"] = [{k: v for k, v in src.items() if k != "path"} for src in data["sources"]]
+    return {**config, "data": data}
 
 
 def check_model(cfg: TrainConfig) -> None:

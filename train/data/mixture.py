@@ -24,7 +24,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import TYPE_CHECKING, Dict, List, Sequence
 
-from train.data.shard_order import MAX_AUTO_PARTITIONS, ShardOrder, auto_partitions
+from train.data.shard_order import MAX_AUTO_PARTITIONS, ShardOrder, auto_partitions, shards_sha1
 
 if TYPE_CHECKING:
     from common.shard_folder import Manifest
@@ -143,7 +143,8 @@ def make_data_order(manifests: Sequence["Manifest"], data: "DataConfig", seed: i
     the batch cannot be shared: P not dividing B, or a source that gets no sample of a stream or cannot fill
     one step. The one place that reads the order's fields of the DataConfig."""
     sources = data.datasets()
-    sizes = [[s.num_samples for s in m.split(src.split).shards] for m, src in zip(manifests, sources)]
+    shards = [m.split(src.split).shards for m, src in zip(manifests, sources)]
+    sizes = [[s.num_samples for s in split] for split in shards]
     batch, weights = data.global_batch_size, [s.weight for s in sources]
     if data.streams:
         partitions = data.streams
@@ -155,13 +156,14 @@ def make_data_order(manifests: Sequence["Manifest"], data: "DataConfig", seed: i
         raise ValueError(f"data.streams={partitions} must divide data.global_batch_size={batch}")
     counts = apportion(weights, batch // partitions)
     orders = []
-    for src, n, shard_sizes in zip(sources, counts, sizes):
+    for src, n, shard_sizes, split in zip(sources, counts, sizes, shards):
         if n == 0:
             raise ValueError(f"data source {src.name} (weight {src.weight:g}) gets none of the "
                              f"{batch // partitions} samples each of the {partitions} streams takes per step; raise "
                              "data.global_batch_size or its weight, or lower data.streams")
         try:
-            orders.append(ShardOrder(shard_sizes, n * partitions, partitions, data.shuffle_window, seed))
+            orders.append(ShardOrder(shard_sizes, n * partitions, partitions, data.shuffle_window, seed,
+                                     shards_sha1(split)))
         except ValueError as err:
             if len(sources) == 1:
                 raise

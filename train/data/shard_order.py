@@ -30,6 +30,7 @@ makes a block-local shuffle sufficient.
 from __future__ import annotations
 
 import hashlib
+import os
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -56,15 +57,29 @@ def auto_partitions(num_shards: int, global_batch: int, cap: int = MAX_AUTO_PART
 def make_order(manifest: "Manifest", data: "DataConfig", seed: int) -> "ShardOrder":
     """The order of ``data.split`` of ``manifest`` for the run seed and the DataConfig's global batch,
     partitions (0 = auto_partitions) and shuffle window: the one place that reads those fields."""
-    sizes = [s.num_samples for s in manifest.split(data.split).shards]
+    shards = manifest.split(data.split).shards
+    sizes = [s.num_samples for s in shards]
     partitions = data.streams or auto_partitions(len(sizes), data.global_batch_size)
-    return ShardOrder(sizes, data.global_batch_size, partitions, data.shuffle_window, seed)
+    return ShardOrder(sizes, data.global_batch_size, partitions, data.shuffle_window, seed, shards_sha1(shards))
+
+
+def shards_sha1(shards: Sequence) -> str:
+    """The identity of a split's shards, wherever the dataset lives: sha1 over each shard's name (its path as
+    the manifest writes it when relative, else the last component of its location), sample count and checksum
+    (when the manifest has one). A dataset copied or spelled otherwise keeps it; other shards change it."""
+    def name(path: str) -> str:
+        return path if not (os.path.isabs(path) or "://" in path or path.startswith("pipe:")) \
+            else path.rstrip("/").rsplit("/", 1)[-1]
+    text = "\n".join(f"{name(s.path)}\t{s.num_samples}\t{s.sha256}" for s in shards)
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 class ShardOrder:
     """Which (shard, sample-in-shard) pairs each stream contributes to global batch t (see module doc)."""
 
-    def __init__(self, shard_sizes: Sequence[int], global_batch: int, partitions: int, window: int, seed: int):
+    def __init__(self, shard_sizes: Sequence[int], global_batch: int, partitions: int, window: int, seed: int,
+                 content: str = ""):
+        self.content = content  # shards_sha1 of the shards (the dataset's identity; '' = unknown)
         sizes = np.asarray(shard_sizes, dtype=np.int64)
         if partitions < 1 or global_batch % partitions:
             raise ValueError(f"data.streams={partitions} must divide data.global_batch_size={global_batch}")
@@ -128,7 +143,8 @@ class ShardOrder:
         """What the order depends on besides (seed, step): a resumed run must match it exactly."""
         return {"partitions": self.partitions, "window": self.window, "global_batch": self.per_stream * self.partitions,
                 "seed": self.seed, "num_shards": len(self.sizes), "num_samples": self.num_samples,
-                "shard_sizes_sha1": hashlib.sha1(self.sizes.tobytes()).hexdigest()}
+                "shard_sizes_sha1": hashlib.sha1(self.sizes.tobytes()).hexdigest(),
+                **({"shards_sha1": self.content} if self.content else {})}
 
     def check_resume(self, saved: dict) -> None:
         """ValueError naming what differs when a checkpoint was trained on another order.

@@ -1,5 +1,5 @@
-"""Resume faults (issue 23, rows 6 and 10): ``checkpoints/latest`` that names a checkpoint that is gone; the
-same command started twice on one run folder.
+"""Resume faults (issue 23, rows 6, 7 and 10): ``checkpoints/latest`` that names a checkpoint that is gone; a
+dataset moved or spelled otherwise; the same command started twice on one run folder.
 
 Reported: with ``run.resume=latest`` the run silently started over at step 0 and wrote over the complete
 checkpoint it had. Now the newest complete checkpoint is resumed (one warning), or, with none left, the run
@@ -60,33 +60,82 @@ def test_a_pointer_to_nothing_with_no_complete_checkpoint_is_refused_in_one_line
     assert latest_checkpoint(layout(tmp_path / "fresh", incomplete=(1,))) is None
 
 
-def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_one_before(tmp_path):
-    data = make_digits_dataset(tmp_path / "ds", n_train=64, n_val=16, shard_size=16)
-    run = tmp_path / "run"
+def train(data: Path, run: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    """``python -m train`` on one rank: tiny config, a checkpoint every 2 steps."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "train", *ARGS, f"data.path={data}", f"run.run_dir={run}",
+                           f"data.cache_dir={run.parent / 'cache'}", f"optim.steps={steps}", *extra],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
-    def train(steps: int, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "train", "--config", str(REPO_ROOT / "configs" / "pretrain_cyclip.yaml"),
-                               f"data.path={data}", f"run.run_dir={run}", "data.global_batch_size=8",
-                               "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}", f"optim.steps={steps}",
-                               "optim.warmup_steps=1", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
-                               "logging.progress_bar=false", "logging.tensorboard=false", *extra],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
-    done = train(4)
+ARGS = ["--config", str(REPO_ROOT / "configs" / "pretrain_cyclip.yaml"), "data.global_batch_size=8",
+        "data.num_workers=0", "optim.warmup_steps=1", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
+        "logging.progress_bar=false", "logging.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(dataset, run folder) of a 4-step run: checkpoints step_2 and step_4."""
+    root = tmp_path_factory.mktemp("first_run")
+    data = make_digits_dataset(root / "ds", n_train=64, n_val=16, shard_size=16)
+    done = train(data, root / "run", 4)
     assert done.returncode == 0, done.stderr[-3000:]
+    return data, root / "run"
+
+
+def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_one_before(first_run, tmp_path):
+    data, run = first_run[0], tmp_path / "run"
+    shutil.copytree(first_run[1], run)
     checkpoints = run / "checkpoints"
     assert (checkpoints / LATEST).read_text().strip() == step_tag(4)
     saved = (checkpoints / step_tag(2) / TRAINER_STATE).read_bytes()
     shutil.rmtree(checkpoints / step_tag(4))
-    done = train(6, "run.resume=latest")
+    done = train(data, run, 6, "run.resume=latest")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from the newest complete checkpoint, step_00000002" in done.stderr
     assert f"resumed from {checkpoints / step_tag(2)} at step 2" in done.stderr
     assert (checkpoints / step_tag(2) / TRAINER_STATE).read_bytes() == saved  # never written over
     assert (checkpoints / LATEST).read_text().strip() == step_tag(6)
     assert CheckpointManager.load_trainer_state(checkpoints / step_tag(6))["step"] == 6
+
+
+def test_the_same_data_resumes_whatever_its_path_and_other_data_is_refused(first_run, tmp_path, monkeypatch):
+    """Row 7: the run folder copied, the dataset copied elsewhere or written relative: the preflight compares
+    the data's identity (shard names, counts, checksums: the order's fingerprint), not the path string."""
+    from common.config_loader import ConfigError, load_config
+    from common.shard_folder import read_manifest, write_manifest
+    from train.config import TrainConfig
+    from train.core.preflight import preflight
+
+    data, run = first_run
+    shutil.copytree(run, tmp_path / "run")
+    shutil.copytree(data, tmp_path / "elsewhere" / "ds")
+
+    def check(path) -> None:
+        cfg = load_config(TrainConfig, ARGS[1], [a for a in ARGS[2:]] + [
+            f"data.path={path}", f"run.run_dir={tmp_path / 'run'}", "run.resume=latest", "optim.steps=6"])
+        preflight(cfg, 1)
+
+    check(tmp_path / "elsewhere" / "ds")  # copied: the same data
+    monkeypatch.chdir(data.parent)
+    check("ds")  # written relative
+    check(f"./../{data.parent.name}/ds")  # ... and otherwise
+    other = tmp_path / "other"  # the same sizes, but shards in another order: other data
+    shutil.copytree(data, other)
+    manifest = read_manifest(other)
+    manifest.splits["train"].shards.reverse()
+    write_manifest(other, manifest)
+    with pytest.raises(ConfigError) as err:
+        check(other)
+    assert "\n" not in str(err.value) and "holds other data" in str(err.value) and "shards_sha1" in str(err.value)
+    fewer = tmp_path / "fewer"
+    shutil.copytree(data, fewer)
+    manifest = read_manifest(fewer)
+    manifest.splits["train"].shards.pop()
+    write_manifest(fewer, manifest)
+    with pytest.raises(ConfigError, match="holds other data"):
+        check(fewer)
 
 
 def test_a_second_training_on_a_busy_run_folder_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path):
