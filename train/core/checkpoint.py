@@ -23,6 +23,8 @@ background, and run.resume=latest without a local checkpoint downloads the one t
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
@@ -44,6 +46,7 @@ LATEST = "latest"
 FRESH = ("", "none")  # run.resume values that start a run from scratch
 TRAINER_STATE = "trainer_state.pt"
 PARTIAL_PREFIX = ".partial_"
+DISK_FULL_BYTES = 1 << 20  # a save that fails with less free than this ran out of space
 RANK_STATE = "rank{}_state.pt"
 
 
@@ -151,11 +154,13 @@ class CheckpointManager:
             self.wait_upload()  # the upload in flight reads a folder this save may prune
             shutil.rmtree(partial, ignore_errors=True)
         _barrier()
-        self._write_partial(partial)
+        with self._disk_full_is_one_line(partial):
+            self._write_partial(partial)
         _barrier()
         final = self.dir / step_tag(step)
         if self.rank == 0:
-            self._commit(partial, final, step)
+            with self._disk_full_is_one_line(partial):
+                self._commit(partial, final, step)
             if self.remote is not None:
                 self.remote.start_upload(final)
         _barrier()
@@ -165,6 +170,26 @@ class CheckpointManager:
         """Wait for the background upload in flight, if any (the end of a run, a stop, the next save)."""
         if self.remote is not None:
             self.remote.wait()
+
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self, partial: Path):
+        """A full disk during a save: the half-written folder removed, ``latest`` left as it was (it still names
+        the last complete checkpoint), and one line (InputError) naming the folder, the space free and the
+        space the last checkpoint took. torch.save reports ENOSPC as a RuntimeError, so the free space decides."""
+        try:
+            yield
+        except Exception as err:
+            free = shutil.disk_usage(self.dir).free
+            if not (isinstance(err, OSError) and err.errno == errno.ENOSPC) and free >= DISK_FULL_BYTES:
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
+            last = latest_checkpoint(self.dir.parent)
+            needed = sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) if last is not None else 0
+            raise InputError(f"no space left in {self.dir} while saving {partial.name.removeprefix(PARTIAL_PREFIX)} "
+                             f"({free / 2**20:.0f} MiB free; " +
+                             (f"a checkpoint takes about {needed / 2**20:.0f} MiB per save; {LATEST} still names "
+                              f"{last.name}" if last is not None else "no checkpoint was saved yet") +
+                             "): free space there, lower checkpoint.keep_last, or move run.run_dir") from None
 
     def _write_partial(self, partial: Path) -> None:
         """Every rank: its DeepSpeed shards and its per-rank components."""

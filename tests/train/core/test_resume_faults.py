@@ -166,3 +166,27 @@ def test_a_second_training_on_a_busy_run_folder_is_refused_and_a_dead_ones_lock_
         first.wait(timeout=60)
     hold_run_lock(tmp_path / "alias")  # the dead run's lock is gone with it
     release_run_lock(tmp_path / "alias")
+
+
+@pytest.mark.parametrize("size_mb,saved", [(60, 2), (12, None)])  # full at the second save; at the first
+def test_a_full_disk_during_a_save_is_one_line_and_latest_stays(first_run, tmp_path, size_mb, saved):
+    """Row 8 on a real small filesystem (tmpfs; a checkpoint of the tiny model takes about 40 MiB)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")  # not a mock: without one the fault cannot be made here
+    try:
+        done = train(first_run[0], mount / "run", 4)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert lines[-1].startswith("error: no space left in ") and str(mount / "run" / "checkpoints") in lines[-1]
+        latest = mount / "run" / "checkpoints" / LATEST
+        if saved is None:
+            assert "no checkpoint was saved yet" in lines[-1] and not latest.exists()
+        else:
+            assert f"{LATEST} still names {step_tag(saved)}" in lines[-1]
+            assert latest.read_text().strip() == step_tag(saved)
+            assert CheckpointManager.load_trainer_state(latest.parent / step_tag(saved))["step"] == saved
+        assert not list((mount / "run" / "checkpoints").glob(".partial_*"))  # the half-written save is gone
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
