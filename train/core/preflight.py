@@ -24,8 +24,8 @@ SHARDS_HINT = ("build it with `make shards` (python -m pipeline demo --out DIR, 
 # The keys that define a run: run.resume=latest refuses to continue this run's checkpoint when one of them
 # (or anything under a listed section) differs from the checkpoint's config. Free to change on a resume:
 # optim.steps (extending a run), optim.max_nonfinite_steps and optim.fused_adamw (safety knob and kernel
-# choice), data.accum_freq (feature caching keeps the gradient of the whole batch), zero.stage and the
-# world size (elastic resume), data.num_workers/cache_*/retries/storage_options, model.config_file (its
+# choice), data.accum_freq (feature caching keeps the gradient of the whole batch), zero.stage 1 <-> 2
+# (check_resume refuses other changes), the world size (elastic resume), where the data is (check_same_data), data.num_workers/cache_*/retries/storage_options, model.config_file (its
 # stem is model.name, compared), checkpoint.*, logging.*, run.device/run_dir/stop_after_steps.
 RESUME_KEYS = ("model.", "loss.", "optim.", "data.path", "data.sources", "data.split", "data.global_batch_size",
                "data.streams", "data.shuffle_window", "run.seed", "zero.precision", "zero.bf16_mode")
@@ -161,6 +161,11 @@ def check_resume(cfg: TrainConfig) -> Optional[dict]:
                           f"({'; '.join(changed)}); use a new run.run_dir, or run.resume=none to start over in "
                           "this one, or pass the old values to continue it")
     check_same_data(cfg, saved, where)
+    was = saved.get("config", {}).get("zero", {}).get("stage", cfg.zero.stage)
+    if was != cfg.zero.stage and {was, cfg.zero.stage} != {1, 2}:  # ZeRO-1 and -2 save the same partitions
+        raise ConfigError(f"run.resume=latest: {where} was trained with zero.stage={was}, whose checkpoint "
+                          f"zero.stage={cfg.zero.stage} cannot load (only 1 <-> 2 may change on resume): resume with "
+                          f"zero.stage={was}, or export it (python -m train.export) and fine-tune from the export")
     step = int(saved.get("step", 0))
     exported = not cfg.checkpoint.export or is_export_dir(Path(cfg.run.run_dir) / "export")
     if step >= cfg.optim.steps and exported:  # (without its export the trainer starts, to write it)

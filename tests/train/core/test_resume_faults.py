@@ -190,3 +190,27 @@ def test_a_full_disk_during_a_save_is_one_line_and_latest_stays(first_run, tmp_p
         assert not list((mount / "run" / "checkpoints").glob(".partial_*"))  # the half-written save is gone
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_zero_stage_change_on_resume_is_one_line_unless_between_1_and_2(first_run, tmp_path):
+    """Row 9: ZeRO-1 <-> 2 share their checkpoint layout and resume (preflight passes, and the trainer resumed
+    1 -> 2 when tried); 0 <-> any and 3 <-> any are refused in one line before DeepSpeed's assertion."""
+    from common.config_loader import ConfigError, load_config
+    from train.config import TrainConfig
+    from train.core.preflight import preflight
+
+    data, run = first_run
+    was = CheckpointManager.load_trainer_state(run / "checkpoints" / step_tag(4))["config"]["zero"]["stage"]
+
+    def check(stage: int) -> None:
+        cfg = load_config(TrainConfig, ARGS[1], ARGS[2:] + [f"data.path={data}", f"run.run_dir={run}",
+                                                            "run.resume=latest", "optim.steps=6", f"zero.stage={stage}"])
+        preflight(cfg, 1)
+
+    for stage in range(4):
+        if stage == was or {stage, was} == {1, 2}:
+            check(stage)
+        else:
+            with pytest.raises(ConfigError) as err:
+                check(stage)
+            assert "\n" not in str(err.value) and f"zero.stage={was}" in str(err.value), stage
