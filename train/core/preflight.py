@@ -25,8 +25,9 @@ SHARDS_HINT = ("build it with `make shards` (python -m pipeline demo --out DIR, 
 # (or anything under a listed section) differs from the checkpoint's config. Free to change on a resume:
 # optim.steps (extending a run), optim.max_nonfinite_steps and optim.fused_adamw (safety knob and kernel
 # choice), data.accum_freq (feature caching keeps the gradient of the whole batch), zero.stage 1 <-> 2
-# (check_resume refuses other changes), the world size (elastic resume), where the data is (check_same_data), data.num_workers/cache_*/retries/storage_options, model.config_file (its
-# stem is model.name, compared), checkpoint.*, logging.*, run.device/run_dir/stop_after_steps.
+# (check_resume refuses other changes), the world size (elastic resume), where the data is (check_same_data
+# compares the data itself), data.num_workers/cache_*/retries/storage_options, model.config_file (its stem
+# is model.name, compared), checkpoint.*, logging.*, run.device/run_dir/stop_after_steps.
 RESUME_KEYS = ("model.", "loss.", "optim.", "data.path", "data.sources", "data.split", "data.global_batch_size",
                "data.streams", "data.shuffle_window", "run.seed", "zero.precision", "zero.bf16_mode")
 RESUME_FREE = ("optim.steps", "optim.max_nonfinite_steps", "optim.fused_adamw", "model.config_file")
