@@ -1,10 +1,14 @@
-"""One training per run folder: rank 0 holds an exclusive ``flock`` on ``RUN_DIR/.run.lock`` for the run's life.
+"""One training per run folder: rank 0 holds an exclusive POSIX record lock (``fcntl.lockf``) on
+``RUN_DIR/.run.lock`` for the run's life.
 
 Two commands started on one run folder would otherwise both resume, save and prune the same checkpoints (one
 loads a folder the other then deletes). The kernel drops the lock when its process ends, kill -9 included, so a
-lock left by a dead run never blocks the next one. The file names its holder (pid and host) for the refusal.
-Own code (a few lines of fcntl) rather than the ``filelock`` package: the message needs the holder, and a lock
-that outlives its process must be impossible, which flock gives and lock files with a pid inside do not.
+lock left by a dead run never blocks the next one. A record lock, not ``flock``: a flock belongs to the open file,
+which forked children (DataLoader workers) share, so after kill -9 of rank 0 its orphaned workers kept the folder
+locked until they noticed; a record lock belongs to the process alone and is never inherited by ``fork``. (It is
+also dropped when the holder closes any descriptor of the file, so nothing else here opens it.) The file names
+its holder (pid and host) for the refusal. Own code (a few lines of fcntl) rather than the ``filelock`` package
+(which uses flock): the message needs the holder, and the lock must not outlive its process.
 """
 from __future__ import annotations
 
@@ -30,8 +34,8 @@ def hold_run_lock(run_dir: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, as the platform reports a held lock
         f.seek(0)
         holder = " ".join(f.read().split()) or "another process"
         f.close()
@@ -50,7 +54,7 @@ def hold_run_lock(run_dir: str | os.PathLike) -> None:
 
 
 def release_run_lock(run_dir: str | os.PathLike) -> None:
-    """Let RUN_DIR's lock go (closing the file releases the flock); a no-op when this process holds none."""
+    """Let RUN_DIR's lock go (closing the file releases the record lock); a no-op when this process holds none."""
     f = _held.pop(str(Path(run_dir).resolve() / LOCK_NAME), None)
     if f is not None:
         f.close()

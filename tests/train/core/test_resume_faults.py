@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -140,14 +141,15 @@ def test_the_same_data_resumes_whatever_its_path_and_other_data_is_refused(first
 
 def test_a_second_training_on_a_busy_run_folder_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path):
     """Row 10: the same command started twice on one run folder. The second is refused in one line naming the
-    first (also when the folder is spelled through a symlink); once the first is killed (-9), the folder is free."""
+    first (also when the folder is spelled through a symlink); once the first is killed (-9), the folder is free
+    at once, though its DataLoader worker (a forked child) may still be alive (a flock would stay held by it)."""
     from tests.harness.rank_launcher import launch_ranks
     from tests.train.core.test_train_deepspeed import wait_for_step
     from train.core.run_lock import hold_run_lock, release_run_lock
 
     data = make_digits_dataset(tmp_path / "ds", n_train=64, n_val=16, shard_size=16)
     args = ["--config", str(REPO_ROOT / "configs" / "pretrain_cyclip.yaml"), f"data.path={data}",
-            f"run.run_dir={tmp_path / 'run'}", "data.global_batch_size=8", "data.num_workers=0",
+            f"run.run_dir={tmp_path / 'run'}", "data.global_batch_size=8", "data.num_workers=1",
             "optim.steps=100000", "checkpoint.every_steps=100000", "logging.progress_bar=false",
             "logging.tensorboard=false", "logging.log_sample_keys=true"]
     (first,) = launch_ranks(tmp_path, "run", 1, args)
@@ -166,6 +168,31 @@ def test_a_second_training_on_a_busy_run_folder_is_refused_and_a_dead_ones_lock_
         first.wait(timeout=60)
     hold_run_lock(tmp_path / "alias")  # the dead run's lock is gone with it
     release_run_lock(tmp_path / "alias")
+
+
+def test_a_forked_child_that_outlives_the_holder_does_not_keep_the_run_folder_locked(tmp_path):
+    """Row 10, own input: the holder forks (as DataLoader workers are forked) and is killed -9; its child lives on.
+    The folder must be free while the child still runs."""
+    from train.core.run_lock import hold_run_lock, release_run_lock
+    script = ("import os, signal, sys, time\n"
+              "from train.core.run_lock import hold_run_lock\n"
+              f"hold_run_lock({str(tmp_path / 'run')!r})\n"
+              "child = os.fork()\n"
+              "if child == 0:  # let go of the pipes, or the run below waits for the child\n"
+              "    null = os.open(os.devnull, os.O_RDWR); os.dup2(null, 1); os.dup2(null, 2)\n"
+              "    time.sleep(60); os._exit(0)\n"
+              "print(child, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    holder = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert holder.returncode == -signal.SIGKILL, holder.stderr[-2000:]
+    child = int(holder.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # the orphan is alive: the check below is the one that matters
+        hold_run_lock(tmp_path / "run")
+        release_run_lock(tmp_path / "run")
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("size_mb,saved", [(60, 2), (12, None)])  # full at the second save; at the first
