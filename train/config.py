@@ -34,6 +34,25 @@ class ModelConfig:
     """Lower bound of RandomResizedCrop's area scale in the train transform (open_clip default 0.9)."""
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments passed to open_clip's model constructor."""
+    grad_checkpointing: bool = False
+    """Recompute each transformer block in backward instead of keeping its activations (open_clip_train's
+    --grad-checkpointing): less activation memory, ~1/3 more compute, the same math (docs/TRAINING.md)."""
+    patch_dropout: float = 0.0
+    """FLIP: fraction of image patch tokens dropped at random per image while training, in [0, 1) (open_clip's
+    force_patch_dropout; the paper uses 0.5-0.75). Training only: eval mode and the export keep every patch."""
+    lock_image: bool = False
+    """LiT: freeze the image tower (open_clip_train's --lock-image); frozen weights are left out of the optimizer."""
+    lock_image_unlocked_groups: int = 0
+    """With lock_image: leave the last N layer groups of the image tower trainable (--lock-image-unlocked-groups)."""
+    lock_image_freeze_bn_stats: bool = False
+    """With lock_image: also freeze BatchNorm statistics of the locked groups (--lock-image-freeze-bn-stats)."""
+    lock_text: bool = False
+    """Freeze the text tower (open_clip_train's --lock-text); frozen weights are left out of the optimizer."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: leave the last N layers of the text tower trainable (--lock-text-unlocked-layers)."""
+    lock_text_freeze_layer_norm: bool = True
+    """With lock_text: freeze LayerNorms too (--lock-text-freeze-layer-norm); false works only for Hugging Face
+    text towers (open_clip's own text transformer supports only true)."""
 
     def __post_init__(self) -> None:
         # Normalisation, not a check (validate() checks): the config file's stem *is* the model's name.
@@ -43,11 +62,19 @@ class ModelConfig:
     def validate(self, prefix: str = "model.") -> None:
         if self.config_file and not Path(self.config_file).is_file():
             raise ConfigError(f"{prefix}config_file: no such file: {self.config_file}")
-        check_bounds(self, {"force_image_size": Range(low=1), "aug_scale_min": Range(low=0, high=1, low_open=True)},
+        check_bounds(self, {"force_image_size": Range(low=1), "aug_scale_min": Range(low=0, high=1, low_open=True),
+                            "patch_dropout": Range(low=0, high=1, high_open=True),
+                            "lock_image_unlocked_groups": Range(low=0), "lock_text_unlocked_layers": Range(low=0)},
                      prefix)
+        if self.patch_dropout > 0 and "force_patch_dropout" in self.model_kwargs:
+            raise ConfigError(f"{prefix}patch_dropout={self.patch_dropout} and {prefix}model_kwargs.force_patch_dropout="
+                              f"{self.model_kwargs['force_patch_dropout']} both set patch dropout: keep only "
+                              f"{prefix}patch_dropout")
 
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+"""torch.compile backends run.compile_backend may name (torch._dynamo.list_backends plus its debug ones)."""
 MIX_TERMS = ("m2mix", "vmix", "lmix", "vlmix")
 MIX_SCHEDULES = ("constant", "inverse_epoch")
 
@@ -286,6 +313,12 @@ class RunConfig:
     """'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."""
     stop_after_steps: int = 0
     """Stop (with a checkpoint) after this many steps of *this process*, as a time-limited job would (0 = off)."""
+    compile: bool = False
+    """torch.compile the model in place (open_clip_train's --torchcompile; nn.Module.compile, so checkpoints and
+    the export keep plain keys). The first step pays the compilation (tens of seconds to minutes)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend with run.compile: inductor (generated kernels), aot_eager or eager (debugging,
+    fast to compile), cudagraphs."""
     cpu_allocator_cache: bool = True
     """CPU runs only (glibc): keep freed memory in the heap instead of returning every large buffer to the OS
     (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB), so the per-step gradient, flatten and norm buffers are
@@ -332,6 +365,7 @@ class TrainConfig:
         "logging.every_steps": Range(low=1), "logging.eval_every_steps": Range(low=0),
         "logging.eval_max_samples": Range(low=1), "logging.wandb.mode": Choice(("offline", "online", "disabled")),
         "run.stop_after_steps": Range(low=0), "run.device": Choice(("auto", "cpu", "cuda")),
+        "run.compile_backend": Choice(COMPILE_BACKENDS),
     }
     """Every field's rule, written once (common/validation.py; NaN/±inf are refused for every number)."""
 

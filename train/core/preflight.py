@@ -27,10 +27,12 @@ SHARDS_HINT = ("build it with `make shards` (python -m pipeline demo --out DIR, 
 # choice), data.accum_freq (feature caching keeps the gradient of the whole batch), zero.stage 1 <-> 2
 # (check_resume refuses other changes), the world size (elastic resume), where the data is (check_same_data
 # compares the data itself), data.num_workers/cache_*/retries/storage_options, model.config_file (its stem
-# is model.name, compared), checkpoint.*, logging.*, run.device/run_dir/stop_after_steps.
+# is model.name, compared), model.grad_checkpointing and run.compile* (the same math: memory and speed only),
+# checkpoint.*, logging.*, run.device/run_dir/stop_after_steps. model.patch_dropout and model.lock_* are compared.
 RESUME_KEYS = ("model.", "loss.", "optim.", "data.path", "data.sources", "data.split", "data.global_batch_size",
                "data.streams", "data.shuffle_window", "run.seed", "zero.precision", "zero.bf16_mode")
-RESUME_FREE = ("optim.steps", "optim.max_nonfinite_steps", "optim.fused_adamw", "model.config_file")
+RESUME_FREE = ("optim.steps", "optim.max_nonfinite_steps", "optim.fused_adamw", "model.config_file",
+               "model.grad_checkpointing")
 
 
 def preflight(cfg: TrainConfig, world_size: int, device: bool = True) -> Optional[dict]:
@@ -216,7 +218,8 @@ def _without_paths(config: dict) -> dict:
 
 
 def check_model(cfg: TrainConfig) -> None:
-    """model.name must be an open_clip model or a configs/model/ stem; a tag must be one open_clip knows."""
+    """model.name must be an open_clip model or a configs/model/ stem, whose architecture takes the knobs set
+    (train/model/knobs.py: patch dropout needs patch tokens, a LayerNorm left unlocked a Hugging Face text tower)."""
     import open_clip
 
     from train.model.build import CONFIG_DIR, register_model_configs
@@ -226,6 +229,9 @@ def check_model(cfg: TrainConfig) -> None:
         ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         raise ConfigError(f"model.name={cfg.model.name}: not an open_clip model (this project's: {', '.join(ours)}; "
                           "open_clip's: open_clip.list_models()), or set model.config_file to a model-config JSON")
+    from train.model.knobs import check_knobs
+
+    check_knobs(cfg.model, open_clip.get_model_config(cfg.model.name))
 
 
 def check_pretrained(cfg: TrainConfig) -> None:

@@ -40,6 +40,7 @@ from train.core.state import RNGState, StatefulLoader, TrainProgress
 from train.core.step import ContrastiveStep, set_lr
 from train.losses.objective import ContrastiveObjective
 from train.model.build import build_model
+from train.model.knobs import compile_module
 
 log = logging.getLogger("train")
 
@@ -125,8 +126,10 @@ class Trainer:
         import deepspeed
 
         engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, self.cfg.optim),
+            model=model, optimizer=build_optimizer(model, self.cfg.optim),    # only requires_grad parameters
             config=deepspeed_config(self.cfg, self.micro_batch, self.bf16, universal))
+        if self.cfg.run.compile:    # in place (the engine compiles its module): state_dict keys stay plain
+            compile_module(engine, self.cfg.run.compile_backend)
         return engine
 
     # ---------------------------------------------------------------- one step

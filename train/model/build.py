@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from train.config import CONFIG_DIR, ModelConfig
+from train.model.knobs import apply_model_knobs, create_kwargs
 from train.model.hub import CONFIG_FILE as EXPORT_CONFIG, export_model_cfg, hub_config, is_export_dir, weights_file
 
 
@@ -41,7 +42,9 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Tuple[t
     (train/model/hub.py) is loaded with ``weights_only=True`` (open_clip converts the scalar logit_scale of
     exported files); anything else is passed to open_clip as a pretrained tag (needs network or open_clip's
     cache). An export whose architecture or preprocessing differs from ``cfg``'s (another image size, mean or
-    std) is loaded into ``cfg``'s model, as configured, with a warning naming the differences.
+    std) is loaded into ``cfg``'s model, as configured, with a warning naming the differences. The knobs
+    (train/model/knobs.py) are applied: patch dropout, gradient checkpointing, the LiT locks (locked
+    parameters have ``requires_grad=False``); ConfigError (one line) where open_clip refuses a lock setting.
     """
     import open_clip
 
@@ -55,12 +58,14 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Tuple[t
     tag = None if local_weights or not cfg.pretrained else cfg.pretrained
     model, train_transform, eval_transform = open_clip.create_model_and_transforms(
         name, pretrained=tag, device=device, force_image_size=cfg.force_image_size,
-        aug_cfg={"scale": (cfg.aug_scale_min, 1.0)}, nonscalar_logit_scale=True, **cfg.model_kwargs)
+        aug_cfg={"scale": (cfg.aug_scale_min, 1.0)}, nonscalar_logit_scale=True, **create_kwargs(cfg),
+        **cfg.model_kwargs)
     if local_weights:
         # to CPU first (safetensors takes a device string, not a torch.device); load_state_dict copies to device
         open_clip.load_checkpoint(model, str(local_weights), weights_only=True, device="cpu")
         if is_export_dir(local_weights.parent):
             warn_if_export_differs(local_weights.parent, model, cfg)
+    apply_model_knobs(model, cfg)    # after the weights: freeze_bn_stats freezes the loaded statistics
     tokenizer = open_clip.get_tokenizer(name)
     return model, train_transform, eval_transform, tokenizer
 
