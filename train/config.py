@@ -33,7 +33,7 @@ class ModelConfig:
     aug_scale_min: float = 0.9
     """Lower bound of RandomResizedCrop's area scale in the train transform (open_clip default 0.9)."""
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments passed to open_clip's model constructor."""
+    """Extra keyword arguments passed to open_clip's model constructor (patch dropout: ``patch_dropout``)."""
     grad_checkpointing: bool = False
     """Recompute each transformer block in backward instead of keeping its activations (open_clip_train's
     --grad-checkpointing): less activation memory, ~1/3 more compute, the same math (docs/TRAINING.md)."""
@@ -67,9 +67,9 @@ class ModelConfig:
                             "lock_image_unlocked_groups": Range(low=0), "lock_text_unlocked_layers": Range(low=0)},
                      prefix)
         if self.patch_dropout > 0 and "force_patch_dropout" in self.model_kwargs:
-            raise ConfigError(f"{prefix}patch_dropout={self.patch_dropout} and {prefix}model_kwargs.force_patch_dropout="
-                              f"{self.model_kwargs['force_patch_dropout']} both set patch dropout: keep only "
-                              f"{prefix}patch_dropout")
+            raise ConfigError(f"{prefix}patch_dropout={self.patch_dropout} and {prefix}model_kwargs."
+                              f"force_patch_dropout={self.model_kwargs['force_patch_dropout']} both set patch dropout: "
+                              f"keep only {prefix}patch_dropout")
 
 
 

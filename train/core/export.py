@@ -46,6 +46,8 @@ def export_engine(engine, out_dir: Path, cfg, rank: int, step: int) -> Path | No
     masters = {}
     for name, param in module.named_parameters():
         full = safe_get_full_fp32_param(param)  # ZeRO 1-3: assembled from the partitions (a collective)
+        if full is None and hasattr(param, "ds_id"):    # ZeRO-3, a locked param (no master): gathered as it is
+            full = _gathered(param)
         if full is None:  # stage 0: bf16 params have per-parameter fp32 masters; fp32 params are their own
             full = stage0_masters.get(id(param), param)
         if rank == 0:
@@ -59,6 +61,14 @@ def export_engine(engine, out_dir: Path, cfg, rank: int, step: int) -> Path | No
                   {"step": step, "source": "live engine"})
 
 
+def _gathered(param: torch.nn.Parameter) -> torch.Tensor:
+    """A ZeRO-3 parameter's full value, on CPU (a collective: every rank calls it)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().float().cpu().clone()
+
+
 def _stage0_lowp_masters(optimizer) -> dict:
     """id(bf16 param) -> its fp32 master, for DeepSpeed's stage-0 bf16 wrapper (FP16_UnfusedOptimizer)."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
@@ -68,17 +78,18 @@ def _stage0_lowp_masters(optimizer) -> dict:
     return {id(p): m for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups) for p, m in zip(low, high)}
 
 
-def _stage0_state_dict(model_states: dict) -> dict:
+def _stage0_state_dict(model_states: dict, frozen: frozenset = frozenset()) -> dict:
     """The fp32 weights of a stage-0 checkpoint: the module, with bf16 parameters replaced by the optimizer's
-    fp32 masters. Those are stored per param group, in the order of ``train.model.build.weight_decay_groups``."""
+    fp32 masters. Those are stored per param group, in the order of ``train.model.build.weight_decay_groups``,
+    which leaves out the ``frozen`` (locked: model.lock_*) parameters; those keep the module's values."""
     from train.model.build import decay_group_names
 
     state_dict = dict(model_states["module"])
     optimizer = model_states.get("optimizer") or {}
     if "fp32_groups" not in optimizer:
         return state_dict  # fp32 training: the module holds the weights
-    buffers = set(model_states.get("buffer_names") or [])
-    names = [g for g in decay_group_names([(k, v.ndim) for k, v in state_dict.items() if k not in buffers]) if g]
+    skip = set(model_states.get("buffer_names") or []) | set(frozen)
+    names = [g for g in decay_group_names([(k, v.ndim) for k, v in state_dict.items() if k not in skip]) if g]
     for group_names, masters in zip(names, optimizer["fp32_groups"]):
         if len(group_names) != len(masters):
             raise ValueError("stage-0 checkpoint: optimizer groups do not match the module's parameters")
@@ -99,25 +110,33 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
     check_export_source(path)
     state = CheckpointManager.load_trainer_state(path)
     cfg = state["config"]
-    if any(path.glob("*zero_pp_rank_*_optim_states.pt")) and cfg["zero"]["stage"] > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:  # ZeRO stage 0: rank 0's model file holds the full weights. DeepSpeed pickles config objects
-        # into it, so weights_only=True cannot read it; it is our own run's file, not a downloaded one.
-        state_dict = _stage0_state_dict(torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
-                                                   weights_only=False))
     run_dir = path.parent.parent
     out = Path(out_dir) if out_dir else run_dir / "export"
     model_cfg = ModelConfig(**cfg["model"])
-    # The preprocess config is read off a model built as the run built it (random weights: only its config counts).
+    # The preprocess config is read off a model built as the run built it (random weights: only its config
+    # counts), and so are the locked parameters (requires_grad=False).
     from train.model.build import build_model
+    from train.model.knobs import frozen_parameter_names
 
     logging.disable(logging.WARNING)    # open_clip's "initialized randomly": true, and beside the point here
     try:
         model = build_model(dataclasses.replace(model_cfg, pretrained=None))[0]
     finally:
         logging.disable(logging.NOTSET)
+    # DeepSpeed pickles config objects into its model files, so weights_only=True cannot read them; they are
+    # our own run's files, not downloaded ones.
+    model_file = path / "mp_rank_00_model_states.pt"
+    if any(path.glob("*zero_pp_rank_*_optim_states.pt")) and cfg["zero"]["stage"] > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        missing = set(model.state_dict()) - set(state_dict)
+        if missing and model_file.is_file():    # ZeRO-1 saves no locked params for zero_to_fp32: the module's
+            module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+            state_dict.update({k: module[k] for k in missing if k in module and module[k].numel()})
+    else:  # ZeRO stage 0: rank 0's model file holds the full weights
+        state_dict = _stage0_state_dict(torch.load(model_file, map_location="cpu", weights_only=False),
+                                        frozenset(frozen_parameter_names(model)))
     return _write(state_dict, out, model, model_cfg, cfg["optim"]["max_logit_scale"],
                   {"step": state["step"], "source": str(path)})
 

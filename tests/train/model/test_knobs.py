@@ -142,19 +142,27 @@ def test_a_lock_open_clip_cannot_do_is_one_line_before_training():
 
 
 @pytest.mark.slow
-def test_knobs_through_deepspeed_resume_and_export(tmp_path):
-    """ZeRO-1, one rank: a locked image tower with checkpointing and compile (aot_eager) trains 2 steps; the
-    resume drops checkpointing and compile (same math: allowed) and trains 2 more; unlocking is refused in one
-    line; the export holds the locked tower bit-identical to its initial weights, under plain keys."""
+@pytest.mark.parametrize("zero", [["zero.stage=1"], ["zero.stage=3", "zero.precision=bf16"],
+                                  ["zero.stage=0", "zero.precision=bf16", "zero.bf16_mode=weights"]],
+                         ids=["zero1", "zero3-bf16-autocast", "zero0-bf16-weights"])
+def test_knobs_through_deepspeed_resume_and_export(tmp_path, zero):
+    """One rank: a locked image tower with checkpointing and compile (aot_eager) trains 2 steps; the resume
+    drops checkpointing and compile (same math: allowed) and trains 2 more; unlocking is refused in one line;
+    the export, live and from the checkpoint, holds the locked tower bit-identical to its initial weights
+    (bf16 weights: to their bf16 rounding, DeepSpeed's copy), under plain keys. ZeRO-1 saves no locked
+    parameters for zero_to_fp32; ZeRO-3 partitions them too; stage 0 keeps fp32 masters of the others only."""
     from safetensors.torch import load_file
 
     from tests.harness.data_fixtures import make_digits_dataset
     from tests.train.core.test_resume_faults import train
+    from train.core.export import export_checkpoint
     from train.core.preflight import preflight
 
     data = make_digits_dataset(tmp_path / "ds", n_train=32, n_val=16, shard_size=16)
     run = tmp_path / "run"
-    knobs = ["model.lock_image=true", "zero.stage=1"]
+    # the text tower locked too: its token embedding (3.2M elements) is the one ZeRO-3 partitions at 1 rank
+    locks = dict(lock_image=True, lock_text=True, lock_text_unlocked_layers=1)
+    knobs = [f"model.{key}={str(value).lower()}" for key, value in locks.items()] + zero
     done = train(data, run, 2, *knobs, "model.grad_checkpointing=true", "run.compile=true",
                  "run.compile_backend=aot_eager")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -166,7 +174,12 @@ def test_knobs_through_deepspeed_resume_and_export(tmp_path):
         preflight(cfg, 1)
     assert "\n" not in str(err.value)
     exported = load_file(run / "export" / "open_clip_model.safetensors")
-    initial = tiny().state_dict()
-    assert set(exported) == set(initial)
-    assert all(torch.equal(exported[k], initial[k]) for k in initial if k.startswith("visual."))
+    model = tiny(**locks)
+    frozen, initial = frozen_parameter_names(model), model.state_dict()
+    if "zero.bf16_mode=weights" in zero:
+        initial = {k: v.bfloat16().float() for k, v in initial.items()}
+    assert set(exported) == set(initial) and "visual.conv1.weight" in frozen and "token_embedding.weight" in frozen
+    assert all(torch.equal(exported[k], initial[k]) for k in frozen)
     assert not torch.equal(exported["text_projection"], initial["text_projection"])
+    offline = load_file(export_checkpoint(run, tmp_path / "offline") / "open_clip_model.safetensors")
+    assert set(offline) == set(exported) and all(torch.equal(offline[k], exported[k]) for k in exported)
