@@ -229,6 +229,8 @@ CHANGED = {
     "lr and seed": (["optim.lr=0.1", "run.seed=7"], [("optim", "lr", "0.1"), ("run", "seed", "7")]),
     "global batch": (["data.global_batch_size=32"], [("data", "global_batch_size", "32")]),
     "precision": (["zero.precision=bf16"], [("zero", "precision", "bf16")]),
+    "patch dropout and a LiT lock": (["model.patch_dropout=0.5", "model.lock_text=true"],
+                                     [("model", "patch_dropout", "0.5"), ("model", "lock_text", "True")]),
 }
 
 
@@ -244,7 +246,8 @@ def test_resume_latest_with_changed_run_settings_is_refused(digits, finished_run
 
 
 @pytest.mark.parametrize("extra", [[], ["optim.steps=5", "--dry-run"], ["data.num_workers=1", "logging.every_steps=3",
-                                   "checkpoint.every_steps=7", "zero.stage=2", "optim.max_nonfinite_steps=9"]],
+                                   "checkpoint.every_steps=7", "zero.stage=2", "optim.max_nonfinite_steps=9",
+                                   "model.grad_checkpointing=true", "run.compile=true"]],
                          ids=["same settings", "extending optim.steps", "free knobs"])
 def test_resume_latest_accepts_same_or_free_settings(digits, finished_run, extra):
     """A finished run says so in one line and trains nothing (no DeepSpeed start); knobs that do not
