@@ -36,7 +36,7 @@ class ModelConfig:
     """Extra keyword arguments passed to open_clip's model constructor (patch dropout: ``patch_dropout``)."""
     grad_checkpointing: bool = False
     """Recompute each transformer block in backward instead of keeping its activations (open_clip_train's
-    --grad-checkpointing): less activation memory, ~1/3 more compute, the same math (docs/TRAINING.md)."""
+    --grad-checkpointing): the same math, less activation memory, one more forward per block (BENCHMARKS.md)."""
     patch_dropout: float = 0.0
     """FLIP: fraction of image patch tokens dropped at random per image while training, in [0, 1) (open_clip's
     force_patch_dropout; the paper uses 0.5-0.75). Training only: eval mode and the export keep every patch."""
