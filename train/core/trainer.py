@@ -75,6 +75,9 @@ class Trainer:
         resume_from, universal = self._resume_point()
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model, self.train_transform, self.eval_transform, self.tokenizer = build_model(cfg.model, self.device)
+        # From here on each rank draws its own (the model's draws: model.patch_dropout's masks), as in
+        # open_clip_train; checkpoints hold each rank's generator (RNGState), so a resume continues them.
+        torch.manual_seed(cfg.run.seed + self.rank)
         self.engine = self._build_engine(model, universal)
         self.objective = ContrastiveObjective(cfg.loss, cfg.run.seed)
         self.agree = RankAgreement(self.device, self.world_size)

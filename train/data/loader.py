@@ -392,6 +392,10 @@ def build_loader(data, rank: int, world_size: int, seed: int, start_step: int, e
         if order.share_warning():
             log.warning(order.share_warning())
     workers = data.num_workers
+    # Its own generator: without one, each iter() draws the workers' base seed from torch's global generator,
+    # which the model's own draws (model.patch_dropout) share; a resumed run restores that generator and then
+    # starts the loader, so the draw would shift every later patch-dropout mask (the samples are seeded apart).
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                        worker_init_fn=_worker_init if workers else None,
-                                       prefetch_factor=2 if workers else None, persistent_workers=False)
+                                       prefetch_factor=2 if workers else None, persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(seed + start_step))

@@ -5,6 +5,7 @@ optimizer and schedule (``train_in_process``); one real ``python -m train`` run 
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -46,7 +47,12 @@ def losses(model: torch.nn.Module) -> list:
 
 
 def assert_close(a: list, b: list) -> None:
-    assert all(math.isclose(x, y, rel_tol=LOSS_RTOL) for x, y in zip(a, b)), (a, b)
+    assert len(a) == len(b) and all(math.isclose(x, y, rel_tol=LOSS_RTOL) for x, y in zip(a, b)), (a, b)
+
+
+def losses_logged(run_dir) -> list:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
 
 
 def test_gradient_checkpointing_recomputes_the_blocks_and_keeps_the_losses():
@@ -146,8 +152,9 @@ def test_a_lock_open_clip_cannot_do_is_one_line_before_training():
                                   ["zero.stage=0", "zero.precision=bf16", "zero.bf16_mode=weights"]],
                          ids=["zero1", "zero3-bf16-autocast", "zero0-bf16-weights"])
 def test_knobs_through_deepspeed_resume_and_export(tmp_path, zero):
-    """One rank: a locked image tower with checkpointing and compile (aot_eager) trains 2 steps; the resume
-    drops checkpointing and compile (same math: allowed) and trains 2 more; unlocking is refused in one line;
+    """One rank: locked towers with patch dropout, checkpointing and compile (aot_eager) train 2 steps; the
+    resume drops checkpointing and compile (same math: allowed) and trains 2 more, with the losses of an
+    uninterrupted run (ZeRO-1: the patch-dropout masks continue); unlocking is refused in one line;
     the export, live and from the checkpoint, holds the locked tower bit-identical to its initial weights
     (bf16 weights: to their bf16 rounding, DeepSpeed's copy), under plain keys. ZeRO-1 saves no locked
     parameters for zero_to_fp32; ZeRO-3 partitions them too; stage 0 keeps fp32 masters of the others only."""
@@ -162,13 +169,16 @@ def test_knobs_through_deepspeed_resume_and_export(tmp_path, zero):
     run = tmp_path / "run"
     # the text tower locked too: its token embedding (3.2M elements) is the one ZeRO-3 partitions at 1 rank
     locks = dict(lock_image=True, lock_text=True, lock_text_unlocked_layers=1)
-    knobs = [f"model.{key}={str(value).lower()}" for key, value in locks.items()] + zero
+    knobs = [f"model.{key}={str(value).lower()}" for key, value in locks.items()] + zero + ["model.patch_dropout=0.5"]
     done = train(data, run, 2, *knobs, "model.grad_checkpointing=true", "run.compile=true",
                  "run.compile_backend=aot_eager")
     assert done.returncode == 0, done.stderr[-3000:]
     done = train(data, run, 4, *knobs, "run.resume=latest")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "at step 2" in done.stderr
+    if zero == ["zero.stage=1"]:
+        assert train(data, tmp_path / "uninterrupted", 4, *knobs).returncode == 0
+        assert_close(*(losses_logged(r) for r in (run, tmp_path / "uninterrupted")))
     cfg = load_config(TrainConfig, str(run / "config.yaml"), ["model.lock_image=false", "run.resume=latest"])
     with pytest.raises(ConfigError, match=r"model.lock_image: True -> False") as err:
         preflight(cfg, 1)
