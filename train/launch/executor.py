@@ -26,7 +26,6 @@ import json
 import os
 import re
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
