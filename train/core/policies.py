@@ -6,9 +6,10 @@ without a model, data or DeepSpeed (tests/train/core/test_policies.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,8 @@ class RankAgreement:
 
     Every tensor a collective touches lives on ``device``: NCCL (DeepSpeed's backend on CUDA) rejects CPU
     tensors. Each call is one all-reduce and one device-to-host copy; in a single process (no group) the
-    local values are the answer."""
+    local values are the answer. ``step_sync`` is a training step's only one (docs/TRAINING.md, host syncs);
+    ``any`` serves the decisions taken outside the step (an evaluation set that fails to open)."""
 
     def __init__(self, device: torch.device, world_size: int):
         self.device, self.world_size = device, world_size
@@ -34,25 +36,43 @@ class RankAgreement:
             dist.all_reduce(values, op=op)
         return values
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        """True when ``loss`` is finite on every rank (agreed before any backward, or collectives would hang
-        on the ranks that skip). isfinite stays on the device: one sync, after the reduce."""
-        bad = (~torch.isfinite(loss.detach().float())).float().reshape(1).to(self.device)
-        return self._reduce(bad, dist.ReduceOp.MAX).item() == 0.0
-
     def any(self, flag: bool) -> bool:
         """True when ``flag`` is True on some rank (a signal to any rank stops all of them together)."""
         return self._reduce(torch.tensor([1.0 if flag else 0.0], device=self.device), dist.ReduceOp.MAX).item() > 0
 
-    def mean_and_total(self, terms: Dict[str, torch.Tensor], count: int) -> Tuple[Dict[str, float], int]:
-        """(the mean over ranks of each 0-d term, the sum over ranks of ``count``) in one all-reduce.
+    def step_sync(self, terms: Dict[str, torch.Tensor], stop: bool, skipped: int) -> "StepAgreement":
+        """Everything the ranks must agree on at a training step, in one all-reduce and one device-to-host copy.
 
-        The loss terms are rank shares that average to the global-batch value (docs/METHODS.md §6)."""
+        ``terms``: this rank's detached 0-d loss terms (on ``device``; "loss" among them); ``stop``: this rank
+        wants to stop; ``skipped``: samples this rank's loader replaced since the last call. One float32 vector
+        [terms in name order..., loss not finite (0/1), stop (0/1), skipped] is summed over ranks and read back
+        with one ``tolist()``: that copy is the step's only host sync (it waits for the forward). The host values
+        enter through ``torch.full`` (a fill kernel with the value as its argument, no blocking host-to-device
+        copy); the loss terms are rank shares that average to the global-batch value (docs/METHODS.md §6).
+        Float32 counts are exact up to 2**24 samples skipped in one step."""
         names = sorted(terms)
-        values = torch.stack([terms[n].float().reshape(()).to(self.device) for n in names]
-                             + [torch.tensor(float(count), device=self.device)])
-        values = self._reduce(values).tolist()  # one device-to-host copy for all terms
-        return ({n: v / self.world_size for n, v in zip(names, values[:-1])}, int(round(values[-1])))
+        local = [terms[n].detach().float().reshape(()).to(self.device) for n in names]
+        bad = (~torch.isfinite(terms["loss"].detach().float())).float().reshape(()).to(self.device)
+        flags = [torch.full((), float(stop), device=self.device), torch.full((), float(skipped), device=self.device)]
+        values = self._reduce(torch.stack(local + [bad] + flags)).tolist()  # the one device-to-host copy
+        *sums, bad_sum, stop_sum, skipped_sum = values
+        return StepAgreement(finite=bad_sum == 0.0, stop=stop_sum > 0.0, skipped=int(round(skipped_sum)),
+                             terms={n: v / self.world_size for n, v in zip(names, sums)})
+
+
+@dataclasses.dataclass
+class StepAgreement:
+    """What every rank agreed on at a step's sync (``RankAgreement.step_sync``)."""
+
+    finite: bool
+    """The loss is finite on every rank (else every rank skips the step's backward and update)."""
+    stop: bool
+    """Some rank wants to stop (a signal, ``run.stop_after_steps``): every rank stops after this step."""
+    skipped: int
+    """Samples replaced by the loaders of all ranks since the previous sync."""
+    terms: Dict[str, float]
+    """Each loss term (and "logit_scale") averaged over ranks: the global-batch value (meaningless when not
+    ``finite``)."""
 
 
 class NonFinitePolicy:
@@ -81,7 +101,8 @@ class NonFinitePolicy:
 class StopPolicy:
     """Stop early, with a checkpoint and EXIT_REQUEUE: on SIGUSR1 (SLURM's time-limit warning) or SIGTERM
     (preemption), or after ``stop_after_steps`` steps of this process (0 = never), as a time-limited job would.
-    The wish is local; the trainer makes every rank agree (``RankAgreement.any``) at a step boundary."""
+    The wish is local; the trainer sends it with the step's sync (``RankAgreement.step_sync``), so every rank
+    stops after the same step: a signal that arrives after a step's sync is acted on one step later."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 

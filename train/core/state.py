@@ -30,7 +30,7 @@ class TrainProgress:
     samples_seen: int = 0
     """step x global batch."""
     skipped_samples: int = 0
-    """Unreadable samples replaced by the loader, summed over ranks (as of the last log line)."""
+    """Unreadable samples replaced by the loader, summed over ranks (up to the last step's sync)."""
     nonfinite_total: int = 0
     """Steps skipped for a NaN/inf loss."""
     nonfinite_in_row: int = 0
@@ -69,13 +69,14 @@ class StatefulLoader:
     """This rank's batches from ``next_step`` to ``end_step``, resumable by ``state_dict``.
 
     The DataLoader (and its worker processes) is made when iteration starts, at the current position,
-    and shut down by ``close()``. Each batch it yields moves the position past its step.
+    and shut down by ``close()``. Each batch it yields moves the position past its step. ``pin_memory``: the
+    batches' tensors come in page-locked memory (for a CUDA trainer; see ``build_loader``).
     """
 
     def __init__(self, data_cfg, rank: int, world_size: int, seed: int, end_step: int,
-                 transform: Callable, tokenizer: Callable):
+                 transform: Callable, tokenizer: Callable, pin_memory: bool = False):
         self.cfg, self.rank, self.world_size, self.seed, self.end_step = data_cfg, rank, world_size, seed, end_step
-        self.transform, self.tokenizer = transform, tokenizer
+        self.transform, self.tokenizer, self.pin_memory = transform, tokenizer, pin_memory
         self.order = data_lib.make_data_order(data_lib.read_manifests(data_cfg), data_cfg, seed)
         self.next_step = 0
         self._iter: Optional[Iterator] = None
@@ -93,7 +94,7 @@ class StatefulLoader:
     def __iter__(self) -> Iterator[dict]:
         self.close()
         loader = data_lib.build_loader(self.cfg, self.rank, self.world_size, self.seed, self.next_step,
-                                       self.end_step, self.transform, self.tokenizer)
+                                       self.end_step, self.transform, self.tokenizer, self.pin_memory)
         self._iter = iter(loader)
         for batch in self._iter:
             self.next_step = int(batch["step"]) + 1

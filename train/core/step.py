@@ -15,8 +15,8 @@ import torch
 from train.losses.objective import ContrastiveObjective
 
 
-def _local_all_finite(loss: torch.Tensor) -> bool:
-    return bool(torch.isfinite(loss.detach()).all())
+def _local_all_finite(terms: dict) -> bool:
+    return bool(torch.isfinite(terms["loss"]).all())
 
 
 class ContrastiveStep:
@@ -36,7 +36,9 @@ class ContrastiveStep:
         accum_freq: k, micro-batches per step.
         backward: ``backward(loss)``; default ``loss.backward()``.
         set_boundary: ``set_boundary(is_last_micro_batch)`` (DeepSpeed reduces gradients at the last one).
-        all_finite: ``all_finite(loss) -> bool``, agreed by all ranks in a multi-rank run.
+        all_finite: ``all_finite(terms) -> bool``: is the loss finite? ``terms`` are the step's detached loss
+            terms and "logit_scale"; in a multi-rank run every rank must get the same answer. Called once per
+            step, between the first forward and any backward: the trainer's hook is the step's one host sync.
     """
 
     def __init__(self, model, objective: ContrastiveObjective, max_logit_scale: float, accum_freq: int = 1,
@@ -78,7 +80,7 @@ class ContrastiveStep:
             if j == 0:
                 terms = {name: value.detach() for name, value in out.items()}
                 terms["logit_scale"] = scale.detach().reshape(())
-                if not self.all_finite(terms["loss"]):  # agreed by all ranks before any backward
+                if not self.all_finite(terms):  # agreed by all ranks before any backward
                     return None
             self.backward(out["loss"])
         return terms

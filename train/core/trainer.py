@@ -30,7 +30,7 @@ from train.core.checkpoint import CheckpointManager, SaveSchedule, to_universal
 from train.core.distributed import discover_launcher_env, init_distributed_from_env
 from train.core.engine import build_optimizer, deepspeed_config, keep_freed_memory, pick_device, uses_bf16
 from train.core.export import export_engine
-from train.core.policies import NonFinitePolicy, RankAgreement, StopPolicy
+from train.core.policies import NonFinitePolicy, RankAgreement, StepAgreement, StopPolicy
 from train.core.preflight import preflight
 from train.core.remote_checkpoint import remote_from_config
 from train.core.run_lock import hold_run_lock, release_run_lock
@@ -79,17 +79,22 @@ class Trainer:
         # open_clip_train; checkpoints hold each rank's generator (RNGState), so a resume continues them.
         torch.manual_seed(cfg.run.seed + self.rank)
         self.engine = self._build_engine(model, universal)
-        self.objective = ContrastiveObjective(cfg.loss, cfg.run.seed)
+        # Every rank's batch holds b = B/W rows (the loader replaces unreadable samples, never drops them), so
+        # the loss needs no per-step exchange of row counts (a host sync each on a GPU)
+        self.objective = ContrastiveObjective(cfg.loss, cfg.run.seed, equal_rows=True)
         self.agree = RankAgreement(self.device, self.world_size)
         self.nonfinite = NonFinitePolicy(cfg.optim.max_nonfinite_steps)
         self.stop = StopPolicy(cfg.run.stop_after_steps)
         self.step_fn = ContrastiveStep(
             self.engine, self.objective, cfg.optim.max_logit_scale, cfg.data.accum_freq,
             backward=lambda loss: self.engine.backward(loss, scale_wrt_gas=False),
-            set_boundary=self.engine.set_gradient_accumulation_boundary, all_finite=self.agree.all_finite)
+            set_boundary=self.engine.set_gradient_accumulation_boundary, all_finite=self._sync_step)
+        self.agreed: Optional[StepAgreement] = None  # what the ranks agreed on at the current step's sync
+        self.steps_here = 0  # steps this process has taken (run.stop_after_steps counts them)
         self.progress = TrainProgress()
+        # Pinned batches on CUDA: only a copy from page-locked memory is asynchronous (train_step)
         self.loader = StatefulLoader(cfg.data, self.rank, self.world_size, cfg.run.seed, cfg.optim.steps,
-                                     self.train_transform, self.tokenizer)
+                                     self.train_transform, self.tokenizer, pin_memory=self.device.type == "cuda")
         self._closing.callback(self.loader.close)  # DataLoader workers stop before the process group goes
         # The one list of what a checkpoint holds besides the engine.
         self.checkpoints.register(
@@ -152,22 +157,36 @@ class Trainer:
         set_lr(self.engine.optimizer, lr)
         self.engine.step()
 
+    def _sync_step(self, terms: dict) -> bool:
+        """ContrastiveStep's finiteness check, and the step's one host sync (docs/TRAINING.md, host syncs).
+
+        Called between the first forward and any backward, where the ranks must agree on the loss anyway, so
+        the stop wish and the skipped-sample count travel in the same all-reduce and the logged loss terms come
+        back with it (``RankAgreement.step_sync``): nothing else in a step waits for the device."""
+        self.agreed = self.agree.step_sync(terms, self.stop.wants_stop(self.steps_here + 1), self.pending_skipped)
+        self.pending_skipped = 0
+        return self.agreed.finite
+
     def train_step(self, batch: dict) -> Optional[dict]:
-        """forward_backward_step, then optimizer_step unless the loss was not finite (the step is skipped)."""
+        """forward_backward_step, then optimizer_step unless the loss was not finite (the step is skipped).
+
+        Returns the loss terms and "logit_scale" averaged over ranks and "lr", as floats; None when skipped."""
         lr = cosine_lr(self.progress.step, self.cfg.optim)
         lam = self.objective.draw_lambda() if self.cfg.loss.mixes else None
-        images = batch["image"].to(self.device, dtype=self.input_dtype, non_blocking=True)
+        # Copy, then cast on the device: a copy that also changes the dtype casts into a new pageable host
+        # buffer first, and a copy from pageable memory is synchronous (the loader pins on CUDA).
+        images = batch["image"].to(self.device, non_blocking=True).to(self.input_dtype)
         texts = batch["text"].to(self.device, non_blocking=True)
-        terms = self.forward_backward_step(images, texts, lam)
+        self.agreed = None
+        terms = self.forward_backward_step(images, texts, lam)  # sets self.agreed (_sync_step)
         if terms is not None:
-            self.optimizer_step(lr)
+            self.optimizer_step(lr)  # a Python float into the param groups: no tensor made from it
         progress = self.progress
         progress.step += 1
         progress.samples_seen += self.cfg.data.global_batch_size
+        progress.skipped_samples += self.agreed.skipped
         self.nonfinite.record(progress, finite=terms is not None)    # raises after too many in a row
-        if terms is not None:
-            terms["lr"] = torch.tensor(lr, device=self.device)
-        return terms
+        return None if terms is None else {**self.agreed.terms, "lr": lr}
 
     def evaluate(self, step: int) -> dict:
         """The evaluations due at ``step`` (logging.eval_every_steps and each logging.zeroshot set), as flat
@@ -212,12 +231,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def _log(self, terms: dict, wait_s: float, step_s: float) -> dict:
-        """The step's record: loss terms averaged over ranks and the skipped-sample count summed over them
-        (one all-reduce), which is also added to the checkpointed progress here, on every rank alike."""
-        record, skipped = self.agree.mean_and_total(terms, self.pending_skipped)
-        self.pending_skipped = 0
+        """The step's record: its loss terms and lr (``train_step``, agreed at the step's sync: no collective
+        here), the throughput of the last step window (``wait_s`` and ``step_s`` in seconds) and the skipped
+        samples of all ranks so far."""
+        record = {name: terms[name] for name in sorted(terms)}
         progress = self.progress
-        progress.skipped_samples += skipped
         record.update(step=progress.step, samples_seen=progress.samples_seen,
                       samples_per_s=self.cfg.data.global_batch_size / step_s, data_wait_frac=wait_s / step_s,
                       skipped_samples=progress.skipped_samples)
@@ -245,29 +263,39 @@ class Trainer:
             from tqdm import tqdm
             bar = self._closing.enter_context(tqdm(total=cfg.optim.steps, initial=progress.step, desc="train",
                                                    dynamic_ncols=True))
-        last, exit_code, steps_here = {}, EXIT_OK, 0
+        last, exit_code = {}, EXIT_OK
         self.engine.train()
         batches = iter(self.loader)
+        # Throughput is timed start to start: a step's window runs from its start (before its batch is fetched,
+        # so loader waits count) to the next step's start (its logging, evaluation and saving included). On
+        # CUDA the host clock sees dispatch only, but each step waits at its one sync (_sync_step) for the GPU
+        # work queued before it, so start-to-start windows add up to the wall time without a sync of their own.
+        # A record reports the last complete window, the previous step's (a process's first step: its own, up
+        # to its record).
+        started = window = None  # the current step's start; the previous step's (window s, wait s)
         while progress.step < cfg.optim.steps:
-            t0 = time.perf_counter()
+            now = time.perf_counter()
+            if started is not None:
+                window = (now - started, wait_s)
+            started = now
             batch = next(batches)
-            wait_s = time.perf_counter() - t0
+            wait_s = time.perf_counter() - started
             if self.keys_file is not None:
                 self.keys_file.write(progress.step, batch["keys"])
             self.pending_skipped += batch["skipped"]
             terms = self.train_step(batch)
-            step_s = time.perf_counter() - t0
-            steps_here += 1
+            self.steps_here += 1
             logged = terms is not None and (progress.step % cfg.logging.every_steps == 0
                                             or progress.step == cfg.optim.steps)
             evals = self.evaluate(progress.step)
             if logged or evals:
-                last = self._report(terms if logged else None, wait_s, step_s, bar, evals)
+                step_s, step_wait_s = window or (time.perf_counter() - started, wait_s)
+                last = self._report(terms if logged else None, step_wait_s, step_s, bar, evals)
             if bar is not None:
                 bar.update(1)
             if self.saves.periodic(progress.step):
                 self.save()
-            if progress.step < cfg.optim.steps and self.agree.any(self.stop.wants_stop(steps_here)):
+            if progress.step < cfg.optim.steps and self.agreed.stop:  # agreed at the step's sync
                 if self.saves.final(progress.step):
                     self.save()
                 exit_code = EXIT_REQUEUE

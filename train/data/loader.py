@@ -372,13 +372,15 @@ def check_first_shards(manifests: Sequence[Manifest], data) -> None:
 
 
 def build_loader(data, rank: int, world_size: int, seed: int, start_step: int, end_step: int,
-                 transform: Callable, tokenizer: Callable) -> torch.utils.data.DataLoader:
+                 transform: Callable, tokenizer: Callable, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """Batches of this rank's b = B / W samples for optimizer steps start_step .. end_step - 1.
 
     ``data`` is a ``train.config.DataConfig`` (one dataset or a mixture). Each batch: image (b, 3, H, W) float,
     text (b, L) int64, keys (b sample keys), skipped (unreadable samples replaced in it), step, bytes_read
     (shard bytes the worker read for it). Raises ValueError when W does not divide the partitions, InputError
-    when the first shard shows the dataset cannot be read (check_first_shards).
+    when the first shard shows the dataset cannot be read (check_first_shards). ``pin_memory`` (CUDA trainers
+    only): the DataLoader puts the batches' tensors in page-locked memory, from which ``.to(device,
+    non_blocking=True)`` is an asynchronous copy (from pageable memory it is synchronous).
     """
     manifests = read_manifests(data)
     check_first_shards(manifests, data)
@@ -398,4 +400,5 @@ def build_loader(data, rank: int, world_size: int, seed: int, start_step: int, e
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                        worker_init_fn=_worker_init if workers else None,
                                        prefetch_factor=2 if workers else None, persistent_workers=False,
+                                       pin_memory=pin_memory,
                                        generator=torch.Generator().manual_seed(seed + start_step))

@@ -51,10 +51,12 @@ class GlobalBatch:
     world_size: int       # W
 
     @classmethod
-    def gather(cls, image: Tensor, text: Tensor) -> "GlobalBatch":
+    def gather(cls, image: Tensor, text: Tensor, equal_rows: bool = False) -> "GlobalBatch":
+        """``equal_rows``: the caller guarantees every rank passes as many rows as this one, so the row counts
+        need no exchange (an all-gather read back to the host: a host sync per call on a GPU)."""
         if image.shape != text.shape or image.ndim != 2:
             raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must both be b×d")
-        sizes = all_gather_sizes(image.shape[0], image.device)
+        sizes = [image.shape[0]] * get_world_size() if equal_rows else all_gather_sizes(image.shape[0], image.device)
         return cls(image, text, all_gather_with_grad(image, sizes), all_gather_with_grad(text, sizes),
                    offset=sum(sizes[:get_rank()]), global_rows=sum(sizes), world_size=len(sizes))
 
@@ -256,12 +258,13 @@ class ContrastiveObjective:
 
     Pretraining: CLIP + f·λ₁·C_in + f·λ₂·C_cross (f = N_ref/N or 1). Fine-tuning: CLIP + g·(w·m²-Mix +
     V/L/VL-Mix), g the schedule factor. Features are gathered once per call and shared by every term;
-    terms with weight 0 are skipped.
+    terms with weight 0 are skipped. ``equal_rows``: every rank passes the same number of rows (the trainer's
+    b = B/W), so no call exchanges row counts (``GlobalBatch.gather``).
     """
 
-    def __init__(self, cfg: LossConfig, seed: int):
+    def __init__(self, cfg: LossConfig, seed: int, equal_rows: bool = False):
         cfg.validate()  # a config built in code (not by load_config) is checked where it is used; ConfigError
-        self.cfg = cfg
+        self.cfg, self.equal_rows = cfg, equal_rows
         # Same seed on every rank → same λ everywhere, with no collective. numpy's Generator owns its
         # state (torch's Beta sampler reads only the global RNG), and that state is a plain dict.
         self._rng = np.random.default_rng(seed)
@@ -293,7 +296,7 @@ class ContrastiveObjective:
         draws = lam if isinstance(lam, dict) else {t: lam for t in MIX_TERMS}
         mix_factor = draws.get("mix_weight_factor", 1.0)
         scale = _as_scale(logit_scale) if cfg.clip_logit_scale is None else float(cfg.clip_logit_scale)
-        batch = GlobalBatch.gather(image, text)
+        batch = GlobalBatch.gather(image, text, self.equal_rows)
         terms = {"clip": _clip(batch, scale)}
         weighted = [(1.0, "clip")]
         if cfg.cyclip_in_modal > 0 or cfg.cyclip_cross_modal > 0:

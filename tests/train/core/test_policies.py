@@ -78,9 +78,10 @@ def _agree_worker(rank: int, port: int, out):
     try:
         agree = RankAgreement(torch.device("cpu"), world_size=2)
         terms = {"loss": torch.tensor([1.0, 3.0][rank]), "clip": torch.tensor([0.5, 1.5][rank])}
-        record, skipped = agree.mean_and_total(terms, [2, 5][rank])
-        out.put((rank, record, skipped, agree.any(rank == 1), agree.any(False),
-                 agree.all_finite(torch.tensor([1.0, float("nan")][rank]))))
+        step = agree.step_sync(terms, stop=rank == 1, skipped=[2, 5][rank])
+        nan = agree.step_sync({"loss": torch.tensor([1.0, float("nan")][rank])}, stop=False, skipped=0)
+        out.put((rank, step.terms, step.skipped, step.stop, step.finite, nan.finite, nan.stop,
+                 agree.any(rank == 1), agree.any(False)))
     finally:
         dist.destroy_process_group()
 
@@ -95,7 +96,8 @@ def test_rank_agreement_over_two_real_ranks():
     results = sorted(out.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
-    # Both ranks get the same answers: the mean of the terms, the sum of the counts, any-of the flags.
-    for rank, record, skipped, any_one, any_none, finite in results:
-        assert record == {"clip": 1.0, "loss": 2.0} and skipped == 7
-        assert (any_one, any_none, finite) == (True, False, False)
+    # Both ranks get the same answers: the mean of the terms, the sum of the counts, any-of the flags; a NaN
+    # loss on one rank is not finite on both.
+    for rank, terms, skipped, stop, finite, nan_finite, nan_stop, any_one, any_none in results:
+        assert terms == {"clip": 1.0, "loss": 2.0} and skipped == 7
+        assert (stop, finite, nan_finite, nan_stop, any_one, any_none) == (True, True, False, False, True, False)
