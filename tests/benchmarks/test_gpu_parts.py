@@ -1,0 +1,32 @@
+"""The GPU check's pieces that need no GPU and no network: the peak table, PYTHONPATH kept, the wheel list."""
+from __future__ import annotations
+
+import os
+
+from benchmarks.gpu.parts import peak_tflops
+from benchmarks.gpu_wheels import canon, entries
+from train.launch.local import pythonpath, rank_env
+
+
+def test_peak_table_tells_sxm_nvl_and_pcie_apart():
+    assert peak_tflops("NVIDIA H200") == 989.4
+    assert peak_tflops("NVIDIA H200 NVL") == 835.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert peak_tflops("Some Future GPU") is None
+
+
+def test_child_pythonpath_keeps_the_existing_one(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    parts = pythonpath().split(os.pathsep)
+    assert parts[1:] == ["/tmp/site"] and parts[0].endswith(os.sep) is False
+    assert rank_env(1)["PYTHONPATH"] == pythonpath()
+
+
+def test_every_carried_wheel_is_pinned_once():
+    carried = entries("carry")
+    names = [canon(spec.split("==")[0]) for spec in carried]
+    assert len(names) == len(set(names)) and all("==" in spec for spec in carried)
+    assert "deepspeed" in names and "torch" not in names
+    assert any(spec.startswith("torch==2.11.0") for spec in entries("image"))
