@@ -6,7 +6,7 @@
 # at most 8 files, all directly in $OUT (the device tool brings back 8).
 #   bash benchmarks/gpu_device.sh [gpu_check args, e.g. --cpu-dry-run]
 # Env: OUT (results folder; default logs/gpu-check), GPU_SITE (wheel target; default /tmp/site),
-#      GPU_CHECK_TIMEOUT_S (default 480, the check's own budgets sum to that), GPU_NO_SHM_REMOUNT=1 (leave /dev/shm).
+#      GPU_CHECK_TIMEOUT_S (default 450: the parts' budgets sum to 420), GPU_NO_SHM_REMOUNT=1 (leave /dev/shm).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/logs/gpu-check}
@@ -18,7 +18,8 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 jline() { python3 -c 'import json,sys; print(json.dumps(dict(part=sys.argv[1], ok=sys.argv[2]=="0", info=sys.argv[3])))' "$@" >> "$OUT/results.jsonl"; }
 rm -f "$OUT/results.jsonl"
 
-gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)
+gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
+gpu=${gpu:-none (nvidia-smi: no GPU or no nvidia-smi)}
 shm=$(df -h /dev/shm 2>/dev/null | awk 'NR==2 {print $2}')
 if [ -z "${GPU_NO_SHM_REMOUNT:-}" ] && [ "$(df -k /dev/shm 2>/dev/null | awk 'NR==2 {print $2}')" -lt 16000000 ] 2>/dev/null; then
   mount -o remount,size=32G /dev/shm 2>/dev/null && shm="$shm -> $(df -h /dev/shm | awk 'NR==2 {print $2}')"
@@ -32,7 +33,7 @@ rc=$?; jline wheels $rc "$(ls .whl | tr '\n' ' ')"
 export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 python3 - "$OUT/results.jsonl" <<'PY' || { echo "gpu-device: an import failed: the check would too"; exit 1; }
-import importlib, json, sys, traceback
+import importlib, json, sys
 mods = ("torch torchvision triton deepspeed open_clip open_clip_train.main webdataset wids braceexpand omegaconf "
         "ftfy pydantic hjson submitit numpy PIL pyarrow fsspec tqdm sklearn train.core.trainer").split()
 bad = 0
@@ -50,7 +51,7 @@ sys.exit(bad)
 PY
 
 python3 -c "import torch; print('gpu-device: torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
-timeout -k 10 "${GPU_CHECK_TIMEOUT_S:-480}" python3 -m benchmarks.gpu_check --out "$OUT" --append "$@"
+timeout -k 10 "${GPU_CHECK_TIMEOUT_S:-450}" python3 -m benchmarks.gpu_check --out "$OUT" --append "$@"
 rc=$?
 jline check $rc "gpu_check exit $rc$([ $rc -eq 124 ] && echo ' (timeout)'); "
 echo "gpu-device: gpu_check exited with $rc"

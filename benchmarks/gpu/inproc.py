@@ -118,12 +118,15 @@ def throughput(bench_box: list, tmp: Path, data: Path, s: dict, budget: Budget) 
     for step in (ours, bench.baseline):
         bench.window(step, s["warmup"])        # allocator, cuDNN/cuBLAS autotuning, DeepSpeed's first step
     rates = {"open_clip_train step": [], "this trainer": []}
+    round_s = 0.0
     for r in range(s["rounds"]):
-        if r and budget.left() < 2 * (budget.seconds - budget.left()) / (r + 1):
+        if r and budget.left() < 1.5 * round_s:
             break                              # another round would not fit: keep the rounds done
+        t_round = time.perf_counter()
         order = [("open_clip_train step", bench.baseline), ("this trainer", ours)]
         for name, step in (order if r % 2 == 0 else order[::-1]):
             rates[name].append(bench.window(step, s["window"]))
+        round_s = time.perf_counter() - t_round
     ratios = [o / b for o, b in zip(rates["this trainer"], rates["open_clip_train step"])]
     return {"samples_per_s": {k: statistics.median(v) for k, v in rates.items()}, "windows": rates,
             "ratio": statistics.median(ratios), "rounds": len(ratios), "window_steps": s["window"],
@@ -178,13 +181,16 @@ def loss_costs(bench_box: list, budget: Budget) -> dict:
                 "CyCLIP": dataclasses.replace(clip_cfg, cyclip_in_modal=0.25, cyclip_cross_modal=0.25),
                 "m2-Mix": dataclasses.replace(clip_cfg, m2mix_weight=0.02)}
     times = {name: [] for name in variants}
+    round_s = 0.0
     for r in range(s["rounds"]):
-        if r and budget.left() < 1.5 * (budget.seconds - budget.left()) / r:
-            break
+        if r and budget.left() < 1.5 * round_s:
+            break                              # another round would not fit: keep the rounds done
+        t_round = time.perf_counter()
         for name, loss_cfg in variants.items():
             use(trainer, loss_cfg, ContrastiveObjective(loss_cfg, cfg.run.seed))
             trainer.train_step(bench.batches[0])     # a new objective's first step (m2-Mix: its mixing buffers)
             times[name].append(s["batch"] / bench.window(trainer.train_step, s["window"]))
+        round_s = time.perf_counter() - t_round
     step_s = {name: statistics.median(v) for name, v in times.items()}
     use(trainer, clip_cfg, ContrastiveObjective(clip_cfg, cfg.run.seed))
     return {"step_s": step_s, "rounds": len(times["CLIP"]), "window_steps": s["window"],

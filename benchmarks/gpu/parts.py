@@ -46,10 +46,10 @@ def sizes(dry: bool) -> dict:
                     budget=dict(throughput=400, mfu_memory=200, loss_costs=300, resume=900, rows=900), run_s=300)
     # GPU estimate (H200, ViT-B-32 at 224 px, batch 256: ~50 ms a step): throughput ~40 s (trainer built, 2 x 3
     # windows of 20 steps), MFU/memory ~15 s, loss costs ~25 s (3 x 3 windows), resume ~100 s (3 short
-    # processes), rows ~120 s (3 processes of 30 steps); ~5 min in all, budgets below sum to 480 s.
+    # processes), rows ~120 s (3 processes of 30 steps); ~5 min in all, the budgets below sum to 420 s (7 min).
     return dict(model="ViT-B-32", image=224, batch=256, steps=30, window=20, warmup=3, rounds=3, tiny_steps=30,
                 tiny_every=10, workers=8, device="cuda", threads=8,
-                budget=dict(throughput=90, mfu_memory=45, loss_costs=75, resume=150, rows=120), run_s=70)
+                budget=dict(throughput=80, mfu_memory=40, loss_costs=60, resume=130, rows=110), run_s=60)
 
 
 class OverBudget(RuntimeError):
