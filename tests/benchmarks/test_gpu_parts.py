@@ -1,6 +1,7 @@
 """The GPU check's pieces that need no GPU and no network: the peak table, PYTHONPATH kept, the wheel list."""
 from __future__ import annotations
 
+import json
 import os
 
 from benchmarks.gpu.parts import peak_tflops
@@ -30,3 +31,14 @@ def test_every_carried_wheel_is_pinned_once():
     assert len(names) == len(set(names)) and all("==" in spec for spec in carried)
     assert "deepspeed" in names and "torch" not in names
     assert any(spec.startswith("torch==2.11.0") for spec in entries("image"))
+
+
+def test_a_failing_part_leaves_its_line_and_log_and_the_next_part_runs(tmp_path):
+    from benchmarks.gpu.parts import Results
+
+    results = Results(tmp_path)
+    assert results.run_part("broken", 5, lambda budget: 1 / 0) is None
+    assert results.run_part("fine", 5, lambda budget: {"x": 1}) == {"x": 1}
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["part"], r["ok"]) for r in lines] == [("broken", False), ("fine", True)]
+    assert "ZeroDivisionError" in lines[0]["error"] and "ZeroDivisionError" in (tmp_path / "broken.log").read_text()
