@@ -18,14 +18,16 @@ CONFIG ?=
 ARGS ?=
 FAST ?=
 
-.PHONY: setup setup-system test shards bench clean help cluster-up cluster-down demo pretrain finetune eval study gpu-check
+.PHONY: setup setup-system test shards bench clean help cluster-up cluster-down demo pretrain finetune eval study gpu-check gpu-wheels gpu-rehearsal
 
 help:
 	@echo "make setup   - create .venv and install the pinned stack (idempotent)"
 	@echo "make test    - setup + the whole test suite"
 	@echo "make shards  - URL list -> img2dataset -> filtered, deduplicated WebDataset shards"
 	@echo "make bench   - run benchmarks/ and rewrite BENCHMARKS.md"
-	@echo "make gpu-check - one GPU, < 8 min: bf16/NCCL resume, ViT-B-32 vs open_clip_train, MFU, memory -> BENCHMARKS.md"
+	@echo "make gpu-check - one GPU, ~5 min: ViT-B-32 step vs open_clip_train's, MFU, memory, loss costs, NCCL resume -> BENCHMARKS.md"
+	@echo "make gpu-wheels - .whl/: the wheels the device machine's image lacks (benchmarks/gpu_wheels.txt), < 40 MB"
+	@echo "make gpu-rehearsal - benchmarks/gpu_device.sh on this CPU in an emulation of the device image (--cpu-dry-run)"
 	@echo "make demo    - shards, CLIP/CyCLIP pretraining, plain/m2-Mix fine-tuning, evaluation, demo/REPORT.md (FAST=1: demo/fast/)"
 	@echo "make study   - CLIP vs CyCLIP, plain vs m2-Mix: tuned on val, 4 paired seeds, verdicts -> study/REPORT.md (<= 60 min)"
 	@echo "make pretrain / finetune - configs/pretrain_cyclip.yaml / finetune_m2mix.yaml on $(RANKS) local ranks (CONFIG=, ARGS=)"
@@ -64,6 +66,14 @@ bench: setup
 # part at toy sizes on the CPU without touching BENCHMARKS.md.
 gpu-check: setup
 	$(PYTHON) -m benchmarks.gpu_check $(ARGS)
+
+# The device machine (README.md "GPU"): .whl/ holds what its image lacks, built here (downloads happen only here).
+gpu-wheels: setup
+	$(PYTHON) -m benchmarks.gpu_wheels wheels
+
+# gpu_device.sh as the device runs it, on the CPU, in a Python 3.12 + torch 2.11 venv fed only from .whl/.
+gpu-rehearsal: gpu-wheels
+	bash benchmarks/gpu_rehearsal.sh
 
 # Training on local ranks: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; on CPU every rank uses gloo.
 RANKS ?= 2

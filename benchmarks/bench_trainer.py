@@ -18,20 +18,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from train.launch.local import launch_ranks, log_tail, wait_ranks
+from train.launch.local import launch_ranks, log_tail, pythonpath, wait_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def bench_env() -> dict:
-    """What every trainer and open_clip_train process of the benchmarks gets on top of os.environ."""
+    """What every trainer and open_clip_train process of the benchmarks gets on top of os.environ (PYTHONPATH is
+    launch_ranks' and _env's: the repository prepended, an existing one kept)."""
     return dict(NO_ALBUMENTATIONS_UPDATE="1",
                 TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")))
 
 
 def _env(threads: int) -> dict:
-    """open_clip_train's environment: this repository's, with ``threads`` OpenMP threads."""
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), **bench_env())
+    """open_clip_train's environment: this repository's (prepended to PYTHONPATH, which stays), with ``threads``
+    OpenMP threads."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=pythonpath(ROOT), **bench_env())
 
 
 def ours(data: Path, run_dir: Path, model: str, image_size: int, batch: int, steps: int, world: int,
@@ -52,8 +54,10 @@ def ours(data: Path, run_dir: Path, model: str, image_size: int, batch: int, ste
 
 
 def open_clip_train(log_dir: Path, model: str, image_size: int, batch: int, steps: int, threads: int,
-                    device: str = "cpu", precision: str = "fp32", workers: int = 1) -> float:
-    """Median per-step samples/s that open_clip_train logs, first third excluded."""
+                    device: str = "cpu", precision: str = "fp32", workers: int = 1,
+                    timeout: float | None = None) -> float:
+    """Median per-step samples/s that open_clip_train logs, first third excluded (``timeout``: seconds, then
+    killed)."""
     args = [sys.executable, "-m", "open_clip_train.main", "--model", model, "--force-image-size", str(image_size),
             "--dataset-type", "synthetic", "--train-num-samples", str(batch * steps), "--batch-size", str(batch),
             "--precision", precision, "--device", device, "--epochs", "1", "--workers", str(workers),
@@ -61,12 +65,13 @@ def open_clip_train(log_dir: Path, model: str, image_size: int, batch: int, step
             "--report-to", "", "--warmup", "2", "--lr", "5e-4",
             # the same work per step as this trainer's configs, which clip at optim.grad_clip = 1.0
             "--grad-clip-norm", "1.0"]
-    return run_open_clip_train(args, log_dir, threads, "open_clip_train")
+    return run_open_clip_train(args, log_dir, threads, "open_clip_train", timeout)
 
 
-def run_open_clip_train(args: list, log_dir: Path, threads: int, what: str) -> float:
-    """Run an open_clip_train command; its median samples/s over the last two thirds of its log lines."""
-    out = subprocess.run(args, cwd=log_dir, env=_env(threads), capture_output=True, text=True)
+def run_open_clip_train(args: list, log_dir: Path, threads: int, what: str, timeout: float | None = None) -> float:
+    """Run an open_clip_train command; its median samples/s over the last two thirds of its log lines. With
+    ``timeout`` (seconds) it is killed then and subprocess.TimeoutExpired raised."""
+    out = subprocess.run(args, cwd=log_dir, env=_env(threads), capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"{what} failed: {out.stderr[-3000:]}")
     rates = [float(m) for m in re.findall(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,", out.stdout + out.stderr)]

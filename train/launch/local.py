@@ -2,7 +2,7 @@
 
 Each process gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and one MASTER_PORT free on this machine
 (train.core.distributed reads them; on CPU the ranks meet over gloo), runs from the repository root with it on
-PYTHONPATH, and writes its output to LOG_DIR/NAME.rank{R}.log. The benchmarks use it for the trainer's own
+PYTHONPATH (prepended: an existing PYTHONPATH, such as the device machine's wheel folder, stays), and writes its output to LOG_DIR/NAME.rank{R}.log. The benchmarks use it for the trainer's own
 runs; the tests' launcher (tests/harness/rank_launcher.py) builds on it and adds fault injection.
 
     procs = launch_ranks(Path("logs"), "pretrain", 2, ["--config", "configs/pretrain_cyclip.yaml"])
@@ -23,11 +23,18 @@ TRAIN_ENTRY = ("train",)
 """What follows ``python -m`` by default: the trainer's command line (train/__main__.py)."""
 
 
+def pythonpath(root: Path = REPO_ROOT) -> str:
+    """PYTHONPATH for a child process: ``root`` first, then whatever PYTHONPATH already holds (never replaced:
+    packages installed with ``pip --target`` are found only through it)."""
+    return os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def rank_env(world: int, threads: int = 1, extra_env: Optional[Mapping[str, str]] = None) -> dict:
     """The environment the ranks share: os.environ, the rendezvous on a free local port, W, the thread count
-    per process (OMP_NUM_THREADS: W processes must not each take every core) and ``extra_env`` last."""
+    per process (OMP_NUM_THREADS: W processes must not each take every core), the repository prepended to
+    PYTHONPATH and ``extra_env`` last."""
     return dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
-                OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO_ROOT), **(extra_env or {}))
+                OMP_NUM_THREADS=str(threads), PYTHONPATH=pythonpath(), **(extra_env or {}))
 
 
 def launch_ranks(log_dir: Path, name: str, world: int, args: Sequence[str], threads: int = 1,
