@@ -187,12 +187,12 @@ def loss_costs(bench_box: list, budget: Budget) -> dict:
             break                              # another round would not fit: keep the rounds done
         t_round = time.perf_counter()
         for name, loss_cfg in variants.items():
-            use(trainer, loss_cfg, ContrastiveObjective(loss_cfg, cfg.run.seed))
+            use(trainer, loss_cfg, ContrastiveObjective(loss_cfg, cfg.run.seed, equal_rows=True))
             trainer.train_step(bench.batches[0])     # a new objective's first step (m2-Mix: its mixing buffers)
             times[name].append(s["batch"] / bench.window(trainer.train_step, s["window"]))
         round_s = time.perf_counter() - t_round
     step_s = {name: statistics.median(v) for name, v in times.items()}
-    use(trainer, clip_cfg, ContrastiveObjective(clip_cfg, cfg.run.seed))
+    use(trainer, clip_cfg, ContrastiveObjective(clip_cfg, cfg.run.seed, equal_rows=True))
     return {"step_s": step_s, "rounds": len(times["CLIP"]), "window_steps": s["window"],
             "cost_pct": {n: 100 * (step_s[n] - step_s["CLIP"]) / step_s["CLIP"] for n in ("CyCLIP", "m2-Mix")}}
 
