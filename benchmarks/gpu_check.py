@@ -6,8 +6,11 @@ OUT/results.jsonl the moment it ends:
    ViT-B-32 at 224 px, batch 256, bf16, alternating windows on the same pinned batches;
 2. mfu_memory: MFU (torch's FlopCounterMode, against the GPU's dense bf16 peak) and peak GPU memory;
 3. loss_costs: CyCLIP and m2-Mix as % of a CLIP step;
-4. resume: tiny_vit over NCCL, kill -9 after a checkpoint, resumed, compared (benchmarks/gpu/resume.py);
-5. rows: separate processes against the real open_clip_train, synthetic data and real JPEGs (benchmarks/gpu/rows.py).
+4. knobs: samples/s, peak memory and MFU with gradient checkpointing and torch.compile on/off (benchmarks/gpu/knobs.py;
+   after the loss costs, on the same trainer: a compile cannot be undone in place);
+5. largest_batch: the largest ViT-L-14 batch of one step, without and with gradient checkpointing;
+6. resume: tiny_vit over NCCL, kill -9 after a checkpoint, resumed, compared (benchmarks/gpu/resume.py);
+7. rows: separate processes against the real open_clip_train, synthetic data and real JPEGs (benchmarks/gpu/rows.py).
 
 Without a CUDA GPU it exits with status 2 and one line saying so. ``--cpu-dry-run`` runs every part at toy sizes
 on the CPU (gloo, ViT-S-32 at 64 px) and prints its section without writing BENCHMARKS.md. OUT: --out, else $OUT,
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu import inproc, report
+from benchmarks.gpu import inproc, knobs, report
 from benchmarks.gpu.parts import ROOT, Results, check_env, peak_tflops, sizes
 from benchmarks.gpu.resume import resume
 from benchmarks.gpu.rows import rows
@@ -79,12 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         t = results.run_part("throughput", budget["throughput"], lambda b: inproc.throughput(box, tmp, data, s, b))
         if box:
             rate = t["samples_per_s"]["this trainer"] if t else None
-            results.run_part("mfu_memory", budget["mfu_memory"], lambda b: inproc.mfu_memory(box, rate, gpu, peak, b))
+            m = results.run_part("mfu_memory", budget["mfu_memory"],
+                                 lambda b: inproc.mfu_memory(box, rate, gpu, peak, b))
+            flops = m["flops_per_sample"] if m else None
             results.run_part("loss_costs", budget["loss_costs"], lambda b: inproc.loss_costs(box, b))
+            # last on this trainer: a compile cannot be undone in place (the loss costs are uncompiled steps)
+            results.run_part("knobs", budget["knobs"], lambda b: knobs.knobs(box, flops, peak, b))
             box[0].close()
             box.clear()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        results.run_part("largest_batch", budget["largest_batch"],
+                         lambda b: knobs.largest_batch(s, torch.device(s["device"]), b))
         tiny = make_digits_dataset(tmp / "digits32", n_train=640, n_val=16, shard_size=128)
         results.run_part("resume", budget["resume"], lambda b: resume(tmp, tiny, s, b))
         results.run_part("rows", budget["rows"], lambda b: rows(tmp, s, b))

@@ -2,11 +2,11 @@
 # The one command for the device machine (README.md "GPU" gives the call): prints the GPU, driver and /dev/shm,
 # installs .whl/ (what the image lacks: `make gpu-wheels`), checks each import, then runs benchmarks/gpu_check.py
 # under `timeout`. Every step appends one JSON line to $OUT/results.jsonl as it ends, the check one per part; a
-# failing part's log is $OUT/<part>.log, the section $OUT/section.md, this script's whole output $OUT/device.log:
+# failing part's log tail is in $OUT/failed.log, the section $OUT/section.md, this script's whole output $OUT/device.log:
 # at most 8 files, all directly in $OUT (the device tool brings back 8).
 #   bash benchmarks/gpu_device.sh [gpu_check args, e.g. --cpu-dry-run]
 # Env: OUT (results folder; default logs/gpu-check), GPU_SITE (wheel target; default /tmp/site),
-#      GPU_CHECK_TIMEOUT_S (default 450: the parts' budgets sum to 420), GPU_NO_SHM_REMOUNT=1 (leave /dev/shm).
+#      GPU_CHECK_TIMEOUT_S (default 500: the parts' budgets sum to 480), GPU_NO_SHM_REMOUNT=1 (leave /dev/shm).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/logs/gpu-check}
@@ -51,7 +51,7 @@ sys.exit(bad)
 PY
 
 python3 -c "import torch; print('gpu-device: torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
-timeout -k 10 "${GPU_CHECK_TIMEOUT_S:-450}" python3 -m benchmarks.gpu_check --out "$OUT" --append "$@"
+timeout -k 10 "${GPU_CHECK_TIMEOUT_S:-500}" python3 -m benchmarks.gpu_check --out "$OUT" --append "$@"
 rc=$?
 jline check $rc "gpu_check exit $rc$([ $rc -eq 124 ] && echo ' (timeout)'); "
 echo "gpu-device: gpu_check exited with $rc"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu.parts import ROOT, Budget, check_env, peak_tflops
+from benchmarks.gpu.parts import ROOT, Budget, check_env
 from common.net import free_port
 
 

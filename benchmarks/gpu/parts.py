@@ -3,7 +3,8 @@
 Each part runs under ``run_part``: its own wall-clock budget (seconds), any exception caught, and one JSON line
 appended to OUT/results.jsonl the moment it ends ({"part", "ok", "seconds", "result" | "error", "log"}), so that a
 later part hanging or the whole command being killed still leaves every earlier result behind. A failing part's
-log tail goes to OUT/<part>.log (OUT: $OUT on the device machine, else logs/gpu-check/).
+log tail is appended to OUT/failed.log under the part's name (one file whatever fails: the device tool returns
+at most 8) (OUT: $OUT on the device machine, else logs/gpu-check/).
 """
 from __future__ import annotations
 
@@ -42,14 +43,20 @@ def sizes(dry: bool) -> dict:
     """Model, image px, batch, step windows and the per-part budgets (s) for the GPU or the --cpu-dry-run."""
     if dry:
         return dict(model="ViT-S-32", image=64, batch=8, steps=6, window=3, warmup=1, rounds=2, tiny_steps=6,
-                    tiny_every=2, workers=1, device="cpu", threads=2,
-                    budget=dict(throughput=400, mfu_memory=200, loss_costs=300, resume=900, rows=900), run_s=300)
+                    tiny_every=2, workers=1, device="cpu", threads=2, compile_backend="aot_eager", compile_s=20,
+                    big_model="ViT-S-32", big_image=64, big_batch0=4, big_batch_cap=16,
+                    budget=dict(throughput=400, mfu_memory=200, loss_costs=300, knobs=400, largest_batch=200,
+                                resume=900, rows=900), run_s=300)
     # GPU estimate (H200, ViT-B-32 at 224 px, batch 256: ~50 ms a step): throughput ~40 s (trainer built, 2 x 3
-    # windows of 20 steps), MFU/memory ~15 s, loss costs ~25 s (3 x 3 windows), resume ~100 s (3 short
-    # processes), rows ~120 s (3 processes of 30 steps); ~5 min in all, the budgets below sum to 420 s (7 min).
+    # windows of 20 steps), MFU/memory ~15 s, loss costs ~25 s (3 x 3 windows), knobs ~80 s (4 windows,
+    # inductor compiles twice: ~30 s each), largest ViT-L-14 batch ~40 s (about 5 + 7 single steps), resume ~100 s
+    # (3 short processes), rows ~120 s (3 processes of 30 steps, cut by its budget); ~7 min expected, the
+    # budgets below sum to 480 s (gpu_device.sh's timeout: 500 s). Most valuable first: what is cut is last.
     return dict(model="ViT-B-32", image=224, batch=256, steps=30, window=20, warmup=3, rounds=3, tiny_steps=30,
-                tiny_every=10, workers=8, device="cuda", threads=8,
-                budget=dict(throughput=80, mfu_memory=40, loss_costs=60, resume=130, rows=110), run_s=60)
+                tiny_every=10, workers=8, device="cuda", threads=8, compile_backend="inductor", compile_s=30,
+                big_model="ViT-L-14", big_image=224, big_batch0=128, big_batch_cap=8192,
+                budget=dict(throughput=70, mfu_memory=30, loss_costs=45, knobs=90, largest_batch=50, resume=115,
+                            rows=80), run_s=60)
 
 
 class OverBudget(RuntimeError):
@@ -73,7 +80,7 @@ class Budget:
 
 
 class Results:
-    """OUT/results.jsonl, appended one line per part as each ends; OUT/<part>.log for a failing part."""
+    """OUT/results.jsonl, appended one line per part as each ends; OUT/failed.log, a failing part's traceback."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
@@ -91,14 +98,15 @@ class Results:
 
     def run_part(self, name: str, budget_s: float, fn: Callable[[Budget], dict]) -> dict | None:
         """``fn(Budget(budget_s))`` guarded: its result dict, or None when it raised (the error and its log tail
-        go to the JSON line and OUT/NAME.log). Prints one line as it starts and one as it ends."""
+        go to the JSON line and OUT/failed.log). Prints one line as it starts and one as it ends."""
         print(f"gpu-check: {name} (budget {budget_s:.0f} s)", flush=True)
         t0 = time.perf_counter()
         try:
             result = fn(Budget(budget_s))
         except Exception as err:  # a failing part must not take the later ones with it
-            log = self.out / f"{name}.log"
-            log.write_text(traceback.format_exc()[-20000:])
+            log = self.out / "failed.log"
+            with open(log, "a") as f:
+                f.write(f"==== {name}\n{traceback.format_exc()[-20000:]}\n")
             self.failed[name] = f"{type(err).__name__}: {err}"
             self.write(dict(part=name, ok=False, seconds=round(time.perf_counter() - t0, 1),
                             error=f"{type(err).__name__}: {str(err)[-1500:]}", log=log.name))

@@ -26,6 +26,22 @@ def section(gpu: str, s: dict, parts: dict, failed: dict, elapsed: float) -> str
         lines += [f"MFU of this trainer's step: {mfu} ({m['flops_per_sample'] / 1e9:.1f} GFLOP per sample forward + "
                   f"backward at {m['samples_per_s']:.1f} samples/s). Peak memory of its step: {m['peak_gib']:.2f} GiB "
                   f"({m['memory']}).", ""]
+    k = parts.get("knobs")
+    if k:
+        lines += [f"Knobs on this trainer's step ({k['window_steps']}-step window each after a warm-up; compile: "
+                  f"`run.compile_backend={k['compile_backend']}`; MFU in model FLOPs, recomputation not counted):", "",
+                  "| configuration | samples/s | peak memory GiB | MFU | first window incl. compile (s) |",
+                  "|---|---|---|---|---|"]
+        for name, row in k["rows"].items():
+            mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+            lines.append(f"| {name} | {row['samples_per_s']:.1f} | {row['peak_gib']:.2f} | {mfu} | "
+                         f"{k['first_window_s'][name]} |")
+        lines += [f"| {name} | skipped (budget) | | | |" for name in k["skipped"]] + [""]
+    g = parts.get("largest_batch")
+    if g:
+        lines += [f"Largest {g['model']} batch at {g['image']} px (one open_clip step: autocast bf16, CLIP loss, "
+                  f"AdamW; doubling up to {g['cap']}): **{g['without']}** without, **{g['with']}** with gradient "
+                  f"checkpointing (tried: {g['tried']}).", ""]
     c = parts.get("loss_costs")
     if c:
         lines += [f"Loss cost ({c['rounds']} rounds of {c['window_steps']}-step windows, median):", "",

@@ -41,4 +41,4 @@ def test_a_failing_part_leaves_its_line_and_log_and_the_next_part_runs(tmp_path)
     assert results.run_part("fine", 5, lambda budget: {"x": 1}) == {"x": 1}
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [(r["part"], r["ok"]) for r in lines] == [("broken", False), ("fine", True)]
-    assert "ZeroDivisionError" in lines[0]["error"] and "ZeroDivisionError" in (tmp_path / "broken.log").read_text()
+    assert "ZeroDivisionError" in lines[0]["error"] and "ZeroDivisionError" in (tmp_path / "failed.log").read_text()
