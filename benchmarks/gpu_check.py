@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         from benchmarks.digits import make_digits_dataset
 
-        data = make_digits_dataset(tmp / "shards_inproc", n_train=64, n_val=16, shard_size=32, image_size=s["image"])
+        data = inproc.bench_data(tmp, s)
         t = results.run_part("throughput", budget["throughput"], lambda b: inproc.throughput(box, tmp, data, s, b))
         if box:
             rate = t["samples_per_s"]["this trainer"] if t else None

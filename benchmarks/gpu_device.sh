@@ -55,4 +55,6 @@ timeout -k 10 "${GPU_CHECK_TIMEOUT_S:-500}" python3 -m benchmarks.gpu_check --ou
 rc=$?
 jline check $rc "gpu_check exit $rc$([ $rc -eq 124 ] && echo ' (timeout)'); "
 echo "gpu-device: gpu_check exited with $rc"
+exec >&- 2>&-   # close the pipe to tee, and give it a moment to write device.log's last lines before the call ends
+sleep 1
 exit $rc

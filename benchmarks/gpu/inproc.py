@@ -62,20 +62,13 @@ class Bench:
     """The trainer, the baseline and the batches the in-process parts share (built by the first of them)."""
 
     def __init__(self, tmp: Path, data: Path, s: dict):
-        from common.config_loader import load_config
-        from train.config import TrainConfig
         from train.core.trainer import Trainer
 
         check_env()
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1")
         self.s = s
-        self.cfg = load_config(TrainConfig, str(ROOT / "configs" / "pretrain_clip.yaml"), [
-            f"data.path={data}", f"run.run_dir={tmp / 'inproc'}", f"model.name={s['model']}",
-            f"model.force_image_size={s['image']}", f"data.global_batch_size={s['batch']}", "data.num_workers=0",
-            "optim.steps=1000000", "checkpoint.every_steps=1000000", "zero.precision=bf16",
-            "zero.bf16_mode=autocast", "checkpoint.export=false", "logging.progress_bar=false",
-            "logging.tensorboard=false"])
+        self.cfg = bench_config(tmp, data, s)
         self.trainer = Trainer(self.cfg)
         self.trainer.engine.train()
         self.device = self.trainer.device
@@ -105,6 +98,28 @@ class Bench:
     def close(self) -> None:
         """Close the trainer (loader, writers)."""
         self.trainer.close()
+
+
+def bench_data(tmp: Path, s: dict) -> Path:
+    """The shards the in-process trainer is built on (its steps take the synthetic batches): enough samples for
+    one global batch of ``s["batch"]``, or the trainer's data order refuses to start."""
+    from benchmarks.digits import make_digits_dataset
+
+    return make_digits_dataset(tmp / "shards_inproc", n_train=max(64, s["batch"]), n_val=16, shard_size=32,
+                               image_size=s["image"])
+
+
+def bench_config(tmp: Path, data: Path, s: dict):
+    """The in-process trainer's TrainConfig: ZeRO-1, world size 1, bf16 autocast, nothing saved."""
+    from common.config_loader import load_config
+    from train.config import TrainConfig
+
+    return load_config(TrainConfig, str(ROOT / "configs" / "pretrain_clip.yaml"), [
+        f"data.path={data}", f"run.run_dir={tmp / 'inproc'}", f"model.name={s['model']}",
+        f"model.force_image_size={s['image']}", f"data.global_batch_size={s['batch']}", "data.num_workers=0",
+        "optim.steps=1000000", "checkpoint.every_steps=1000000", "zero.precision=bf16",
+        "zero.bf16_mode=autocast", "checkpoint.export=false", "logging.progress_bar=false",
+        "logging.tensorboard=false"])
 
 
 def throughput(bench_box: list, tmp: Path, data: Path, s: dict, budget: Budget) -> dict:

@@ -18,7 +18,8 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[2]
 RENDEZVOUS_TIMEOUT_S = 60
 """Every trainer of the check (in process and subprocesses) waits at most this long for its process group
-(train/core/distributed.py reads RENDEZVOUS_TIMEOUT_S; it bounds NCCL's collectives too), not 180 s."""
+(train/core/distributed.py reads RENDEZVOUS_TIMEOUT_S; it bounds the rendezvous only: collectives get torch's
+30 minutes after it, so each part's own timeout is what stops a hung collective), not 180 s."""
 
 PEAK_BF16_TFLOPS = [
     # (substring of torch.cuda.get_device_name, dense bf16 TFLOP/s), most specific first. NVIDIA's data sheets

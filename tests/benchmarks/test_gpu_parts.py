@@ -42,3 +42,17 @@ def test_a_failing_part_leaves_its_line_and_log_and_the_next_part_runs(tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [(r["part"], r["ok"]) for r in lines] == [("broken", False), ("fine", True)]
     assert "ZeroDivisionError" in lines[0]["error"] and "ZeroDivisionError" in (tmp_path / "failed.log").read_text()
+
+
+def test_the_in_process_trainer_at_gpu_sizes_passes_the_preflight(tmp_path):
+    """The device's sizes (ViT-B-32, global batch 256) on the shards the check builds: the trainer's own
+    preflight (data order, model, knobs) must accept them here, or the first part fails there (--cpu-dry-run's
+    batch of 8 would not show it: a 64-sample set once refused the batch of 256)."""
+    from benchmarks.gpu.inproc import bench_config, bench_data
+    from benchmarks.gpu.parts import sizes
+    from train.core.preflight import preflight
+
+    s = dict(sizes(False), image=32)  # the image size does not change the counts; small JPEGs are quicker
+    cfg = bench_config(tmp_path, bench_data(tmp_path, s), s)
+    assert cfg.data.global_batch_size == 256 and cfg.model.name == "ViT-B-32"
+    preflight(cfg, world_size=1, device=False)

@@ -147,6 +147,36 @@ def test_a_lock_open_clip_cannot_do_is_one_line_before_training():
         check_model(load_config(TrainConfig, None, ["model.name=RN50", "model.patch_dropout=0.5"]))
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["model.model_kwargs.force_patch_dropout=1.5"], "model.model_kwargs.force_patch_dropout must be a number"),
+    (["model.model_kwargs.force_patch_dropout=abc"], "model.model_kwargs.force_patch_dropout must be a number"),
+    (["model.name=RN50", "model.model_kwargs.force_patch_dropout=0.5"], "model.model_kwargs.force_patch_dropout=0.5: "
+     "RN50 has a ResNet image tower"),
+    (["model.model_kwargs.bogus_kwarg=1"], "model.model_kwargs.bogus_kwarg: not a keyword of open_clip's"),
+    (["model.model_kwargs.embed_dim=3"], "model.model_kwargs.embed_dim: set by tiny_vit's model config"),
+    (["model.model_kwargs.device=cpu"], "model.model_kwargs.device: the trainer sets it"),
+])
+def test_model_kwargs_open_clip_would_refuse_mid_run_are_one_line_in_the_preflight(overrides, message):
+    """The free-form route (model.model_kwargs) meets the same checks as the knobs: before, each of these passed
+    --dry-run and died in open_clip's constructor (TypeError, AssertionError) or was ignored (RN50)."""
+    from train.core.preflight import check_model
+
+    with pytest.raises(ConfigError) as err:
+        check_model(load_config(TrainConfig, None, overrides))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_model_kwargs_open_clip_takes_build_the_model():
+    """The reference for the checks above: what they accept, open_clip builds (no keyword refused)."""
+    from train.core.preflight import check_model
+    from train.model.build import build_model
+
+    cfg = load_config(TrainConfig, None, ["model.model_kwargs={force_quick_gelu: true, init_logit_bias: -10.0}"])
+    check_model(cfg)
+    model = build_model(cfg.model)[0]
+    assert float(model.logit_bias) == -10.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [["zero.stage=1"], ["zero.stage=3", "zero.precision=bf16"],
                                   ["zero.stage=0", "zero.precision=bf16", "zero.bf16_mode=weights"]],
