@@ -33,7 +33,7 @@ from train.core.export import export_engine
 from train.core.policies import NonFinitePolicy, RankAgreement, StepAgreement, StopPolicy
 from train.core.preflight import preflight
 from train.core.remote_checkpoint import remote_from_config
-from train.core.run_lock import hold_run_lock, release_run_lock
+from train.core.run_lock import LOCK_NAME, hold_run_lock, release_run_lock
 from train.core.run_log import MetricsWriter, SampleKeysWriter
 from train.core.schedule import cosine_lr
 from train.core.state import RNGState, StatefulLoader, TrainProgress
@@ -273,6 +273,7 @@ class Trainer:
         # A record reports the last complete window, the previous step's (a process's first step: its own, up
         # to its record).
         started = window = None  # the current step's start; the previous step's (window s, wait s)
+        wait_s = 0.0  # the current step's wait for its batch (s)
         while progress.step < cfg.optim.steps:
             now = time.perf_counter()
             if started is not None:
@@ -352,6 +353,12 @@ def main(argv: list[str]) -> dict:
     finished = preflight(cfg, world_size)  # {step, message} when run.resume=latest finds this run already done
     if finished and not args.dry_run and discover_launcher_env()["RANK"] == "0":
         log.info("%s", finished["message"])
+    if args.dry_run and discover_launcher_env()["RANK"] == "0":
+        if (Path(cfg.run.run_dir) / LOCK_NAME).exists():  # a folder a training holds fails here, not after torchrun
+            hold_run_lock(cfg.run.run_dir)
+            release_run_lock(cfg.run.run_dir)
+        log.info("dry run: config, data, model and launcher checks passed for %d rank(s); nothing was trained",
+                 world_size)
     if args.dry_run or finished:
         return {"step": (finished or {}).get("step", 0), "exit_code": EXIT_OK, "run_dir": cfg.run.run_dir, "last": {}}
     leader = discover_launcher_env()["RANK"] == "0"

@@ -160,6 +160,9 @@ def test_a_second_training_on_a_busy_run_folder_is_refused_and_a_dead_ones_lock_
         lines = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
         assert f"is in use by pid {first.pid} on" in lines[0], lines
+        dry = subprocess.run([sys.executable, "-m", "train", "--dry-run", *args], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        assert dry.returncode == 2 and f"is in use by pid {first.pid} on" in dry.stderr, dry.stderr[-2000:]
         (tmp_path / "alias").symlink_to(tmp_path / "run")
         with pytest.raises(InputError, match=f"in use by pid {first.pid}"):
             hold_run_lock(tmp_path / "alias")

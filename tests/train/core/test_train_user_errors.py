@@ -157,6 +157,7 @@ def test_dry_run_checks_for_the_given_world_size(digits, tmp_path):
     """--dry-run (what `make pretrain` runs first): OK for 4 ranks (P = 4 streams); 8 ranks cannot share 4."""
     ok = train_once(base(digits, tmp_path / "run") + ["--dry-run", "--world-size", "4"], cwd=tmp_path)
     assert ok.returncode == 0 and "Traceback" not in ok.stderr, ok.stderr[-3000:]
+    assert "dry run: config, data, model and launcher checks passed for 4 rank(s)" in ok.stderr, ok.stderr[-3000:]
     bad = train_once(base(digits, tmp_path / "run") + ["--dry-run", "--world-size", "8"], cwd=tmp_path)
     assert_one_line(bad, "8 ranks cannot share data.streams=4 streams")
 
