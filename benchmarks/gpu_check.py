@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             results.run_part("knobs", budget["knobs"], lambda b: knobs.knobs(box, flops, peak, b))
             box[0].close()
             box.clear()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            inproc.free_memory(torch.cuda.is_available())
         results.run_part("largest_batch", budget["largest_batch"],
                          lambda b: knobs.largest_batch(s, torch.device(s["device"]), b))
         tiny = make_digits_dataset(tmp / "digits32", n_train=640, n_val=16, shard_size=128)

@@ -154,13 +154,10 @@ def mfu_memory(bench_box: list, rate: float | None, gpu: str, peak: float | None
     window of its steps with the baseline freed first."""
     bench = bench_box[0]
     bench.baseline = None
-    gc.collect()
-    if bench.cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    free_memory(bench.cuda, reset_peak=True)
     window = bench.window(bench.trainer.train_step, bench.s["window"])
     budget.check("the memory window")
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if bench.cuda else _max_rss_gib()
+    peak_gib = peak_memory_gib(bench.cuda)
     flops = flops_per_sample(bench.cfg, bench.device, bench.batches[0])
     rate = rate or window
     mfu = rate * flops / (peak * 1e12) if peak else None
@@ -218,7 +215,19 @@ def use(trainer, loss_cfg, objective) -> None:
     trainer.cfg.loss, trainer.objective, trainer.step_fn.objective = loss_cfg, objective, objective
 
 
-def _max_rss_gib() -> float:
+def free_memory(cuda: bool, reset_peak: bool = False) -> None:
+    """Collect garbage and hand CUDA's cached blocks back; ``reset_peak``: start a new peak-memory window."""
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(cuda: bool) -> float:
+    """The peak since the last reset: CUDA's max_memory_allocated, or this process's max RSS on the CPU (GiB)."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -15,11 +15,11 @@ trainer's own limit is somewhat lower.
 """
 from __future__ import annotations
 
-import gc
 import time
 
 import torch
 
+from benchmarks.gpu.inproc import free_memory, peak_memory_gib
 from benchmarks.gpu.parts import Budget
 from train.model.knobs import compile_module
 
@@ -47,9 +47,9 @@ def knobs(bench_box: list, flops_per_sample: float | None, peak: float | None, b
         bench.window(bench.trainer.train_step, s["warmup"])   # compiles (again) here
         first[name] = round(time.perf_counter() - t0, 1)
         budget.check(f"{name}'s warm-up")
-        _reset_peak(bench.cuda)
+        free_memory(bench.cuda, reset_peak=True)
         rate = bench.window(bench.trainer.train_step, s["window"])
-        peak_gib = torch.cuda.max_memory_allocated() / 2**30 if bench.cuda else _max_rss_gib()
+        peak_gib = peak_memory_gib(bench.cuda)
         mfu = rate * flops_per_sample / (peak * 1e12) if flops_per_sample and peak else None
         rows[name] = {"samples_per_s": rate, "peak_gib": peak_gib, "mfu": mfu}
         slowest = max(slowest, time.perf_counter() - t0)
@@ -79,16 +79,12 @@ def largest_batch(s: dict, device: torch.device, budget: Budget) -> dict:
                 break
             finally:
                 opt.zero_grad(set_to_none=True)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                free_memory(device.type == "cuda")
             last_s = time.perf_counter() - t0
             batch *= 2
         out[mode], out["tried"][mode] = best, tried
         del model, opt
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(device.type == "cuda")
     return out
 
 
@@ -105,16 +101,3 @@ def _one_step(model, opt, batch: int, image: int, device: torch.device) -> None:
     opt.step()
     if device.type == "cuda":
         torch.cuda.synchronize()   # an out-of-memory error surfaces here, inside the try
-
-
-def _reset_peak(cuda: bool) -> None:
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _max_rss_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -2,8 +2,9 @@
 
 Each process gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and one MASTER_PORT free on this machine
 (train.core.distributed reads them; on CPU the ranks meet over gloo), runs from the repository root with it on
-PYTHONPATH (prepended: an existing PYTHONPATH, such as the device machine's wheel folder, stays), and writes its output to LOG_DIR/NAME.rank{R}.log. The benchmarks use it for the trainer's own
-runs; the tests' launcher (tests/harness/rank_launcher.py) builds on it and adds fault injection.
+PYTHONPATH (prepended: an existing PYTHONPATH, such as the device machine's wheel folder, stays), and writes its
+output to LOG_DIR/NAME.rank{R}.log. The benchmarks use it for the trainer's own runs; the tests' launcher
+(tests/harness/rank_launcher.py) builds on it and adds fault injection.
 
     procs = launch_ranks(Path("logs"), "pretrain", 2, ["--config", "configs/pretrain_cyclip.yaml"])
     codes = wait_ranks(procs, timeout=600)
