@@ -8,7 +8,7 @@ optimizer reaches these runs too; only the engine (DeepSpeed) and the data path 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -34,7 +34,8 @@ def epoch_batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
 
 def train_in_process(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
                      optim: OptimConfig, loss: LossConfig, seed: int, accum_freq: int = 1, record_every: int = 25,
-                     log: Optional[Callable[[dict], None]] = None) -> List[dict]:
+                     log: Optional[Callable[[dict], None]] = None,
+                     probe: Optional[Callable[[int, torch.nn.Module], Dict[str, float]]] = None) -> List[dict]:
     """Train ``model`` in place for ``optim.steps`` optimizer steps; returns the loss records.
 
     Args:
@@ -45,6 +46,9 @@ def train_in_process(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tenso
         optim, loss: the trainer's schemas (schedule, AdamW, clipping, logit-scale clamp; the objective).
         seed: seeds the objective's λ draws (the trainer uses ``run.seed``).
         accum_freq: micro-batches per step (``data.accum_freq``; gradients equal to the whole batch's).
+        probe: called as ``probe(step, model)`` at each record's step, after that step's update; the floats it
+            returns join the record (diagnostics such as the study's gradient share). It must leave the model's
+            weights, mode and the random state as it found them, so a probed run trains bit-identically.
     Returns:
         a dict every ``record_every`` steps and at the last: "step", "lr", the loss terms, "logit_scale"
         (the clamped multiplier the step used) and "skipped" (non-finite steps so far). ``log`` gets each.
@@ -71,6 +75,8 @@ def train_in_process(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tenso
             plain_optimizer_step(model, optimizer, lr, optim.grad_clip)
         if terms is not None and (step % record_every == 0 or step == optim.steps - 1):
             records.append({"step": step, "lr": lr, **{k: float(v) for k, v in terms.items()}, "skipped": skipped})
+            if probe is not None:
+                records[-1].update(probe(step, model))
             if log is not None:
                 log(records[-1])
     if step != optim.steps - 1:

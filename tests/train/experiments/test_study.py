@@ -35,7 +35,8 @@ def test_micro_study_report_matches_results_json(tmp_path):
     cfg = StudyConfig(out=str(tmp_path / "study"), seeds=[0, 1], pretrain_size=600, val_size=100, finetune_size=200,
                       test_size=100, reference_size=200, pretrain_steps=4, pretrain_batch=32, pretrain_warmup=1,
                       pretrain_lrs=[1e-3], cyclip_lambdas=[0.25], finetune_steps=4, finetune_batch=32,
-                      finetune_warmup=1, finetune_lrs=[1e-4], m2mix_weights=[0.02], grad_share_sizes=[64])
+                      finetune_warmup=1, finetune_lrs=[1e-4], m2mix_weights=[0.02], grad_share_sizes=[64],
+                      grid_extensions=1, probe_every=2, probe_size=32, baseline_pretrain_steps=2)
     report = Study(cfg).main()
     out = tmp_path / "study"
     record = json.loads((out / "results.json").read_text())

@@ -176,3 +176,36 @@ def test_study_inputs_are_the_eval_transform_and_the_evaluators_corruptions():
         on_the_fly = torch.stack([preprocess.eval_transform(corrupt(Image.fromarray(im, "L"), corruption, severity, k)
                                                             .convert("RGB")) for im, k in zip(images28, keys)])
         assert torch.equal(preprocess.batch(cached, "cpu"), on_the_fly), corruption
+
+
+def test_the_training_probe_leaves_a_run_bit_identical_and_measures_its_features():
+    from train.evaluate.metrics import alignment
+    from train.losses.objective import cyclic_regularizers
+
+    cfg = StudyConfig(pretrain_steps=4, pretrain_warmup=2)
+    split = synthetic_split()
+    _, preprocess, tokenizer = lib.new_model("cpu")
+    tokens = lib.Tokens(tokenizer, split.captions)
+    weights, records = short_run(split, tokens, cfg)
+    probe = lib.Probe(split, tokenizer, preprocess, size=16, every=2, last=3, reference_batch=512,
+                      max_logit_scale=100.0, device="cpu")
+    spec = lib.RunSpec(cfg.pretrain_optim(1e-3), cfg.pretrain_loss(0.25), batch=16, seed=0)
+    model, probed = lib.train_run(spec, split, tokens, torch.device("cpu"), log=lambda msg: None, probe=probe)
+    assert not differs(weights, model.state_dict())    # probing changes nothing of the run
+    assert [{k: v for k, v in r.items() if not k.startswith("probe_")} for r in probed] == records
+    assert [r["step"] for r in probed if "probe_alignment" in r] == [0, 3]    # every 2 steps (records: 0, 3) and the last
+    # the last probe by hand: the final model's features of the first 16 pairs, CLIP's feature gradient by
+    # autograd through the N×N logits, the regularisers' at w = 512/16 (λ = 1 stated at N_ref 512)
+    with torch.no_grad():
+        image = model.encode_image(preprocess.batch(split.images[:16], "cpu"), normalize=True)
+        text = model.encode_text(tokenizer(split.captions[:16]), normalize=True)
+    i, t = image.clone().requires_grad_(), text.clone().requires_grad_()
+    logits = float(model.logit_scale.detach().exp()) * i @ t.T
+    target = torch.arange(16)
+    clip = torch.autograd.grad((F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2, (i, t))
+    i, t = image.clone().requires_grad_(), text.clone().requires_grad_()
+    reg = torch.autograd.grad((512 / 16) * sum(cyclic_regularizers(i, t)), (i, t))
+    share = math.sqrt(sum(float(g.square().sum()) for g in reg) / sum(float(g.square().sum()) for g in clip))
+    assert probed[-1]["probe_share_per_lambda"] == pytest.approx(share, rel=1e-4)
+    assert probed[-1]["probe_alignment"] == pytest.approx(alignment(image, text), rel=1e-6)
+    assert model.training is False    # train_in_process leaves eval mode; the probe restored train mode in between

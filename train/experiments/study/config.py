@@ -35,21 +35,22 @@ class StudyConfig:
     """Test images (all 10,000 by default), clean and in each of the 12 corrupted copies."""
     reference_size: int = 10000
     """Pretraining images whose embeddings the k-NN consistency votes over."""
-    pretrain_steps: int = 300
-    """Optimizer steps per pretraining run."""
+    pretrain_steps: int = 2000
+    """Optimizer steps per pretraining run: the cap of the budget rule (design.settling: the report says
+    whether CLIP's logit scale had settled by then)."""
     pretrain_batch: int = 256
     """Global batch of pretraining (one process)."""
     pretrain_warmup: int = 30
     """Linear warmup steps before the cosine schedule."""
     pretrain_weight_decay: float = 0.2
     """AdamW weight decay (CLIP's 0.2)."""
-    pretrain_lrs: List[float] = field(default_factory=lambda: [1e-3, 3e-3])
-    """Learning rates tried on val for each pretraining arm."""
-    cyclip_lambdas: List[float] = field(default_factory=lambda: [0.05, 0.25])
+    pretrain_lrs: List[float] = field(default_factory=lambda: [3e-3])
+    """Learning rates tried on val for each pretraining arm (one value: no lr tuning)."""
+    cyclip_lambdas: List[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])
     """λ₁ = λ₂ tried on val for CyCLIP, stated at ``cyclip_reference_batch`` (the paper: 0.25 at 512)."""
     cyclip_reference_batch: int = 512
     """N_ref of ``loss.cyclip_reference_batch``: the batch at which the λ values above are stated."""
-    finetune_steps: int = 300
+    finetune_steps: int = 900
     """Optimizer steps per fine-tuning run."""
     finetune_batch: int = 128
     """The m²-Mix reference's batch size."""
@@ -57,7 +58,7 @@ class StudyConfig:
     """Linear warmup steps of fine-tuning."""
     finetune_weight_decay: float = 0.2
     """AdamW weight decay of fine-tuning."""
-    finetune_lrs: List[float] = field(default_factory=lambda: [1e-4, 3e-4])
+    finetune_lrs: List[float] = field(default_factory=lambda: [3e-4])
     """Learning rates tried on val for each fine-tuning arm."""
     m2mix_weights: List[float] = field(default_factory=lambda: [0.02, 0.1])
     """w tried on val (this repo's mean convention: the reference's 0.01 and 0.05)."""
@@ -69,14 +70,39 @@ class StudyConfig:
     """α of λ ~ Beta(α, α) for m²-Mix (the reference's 0.5)."""
     grad_share_sizes: List[int] = field(default_factory=lambda: [64, 512, 4096, 32768])
     """Global batches at which the regularisers' gradient share is measured on real features."""
+    grid_extensions: int = 2
+    """Values added to the λ (w) grid, one at a time, while its val best sits at the grid's edge
+    (design.next_grid_value: ×2.5 above, ×0.5 below); 0: the grid as given."""
+    probe_every: int = 100
+    """Steps between training probes (logit scale, the regularisers' gradient share, alignment and
+    uniformity on ``probe_size`` val pairs; lib.Probe), and at the last step."""
+    probe_size: int = 256
+    """Val pairs of the probe (the pretraining batch: the share is measured at the batch trained with)."""
+    settle_window: float = 0.2
+    """The budget rule's window: the last 20% of a run (of its steps and of its summed lr, design.py)."""
+    settle_tolerance: float = 0.05
+    """The budget rule's bound on the relative change over the window."""
+    baseline_pretrain_steps: int = 300
+    """The earlier study's budget, rerun (CLIP; CyCLIP at ``baseline_cyclip_lambda`` and at the newly
+    chosen λ) to tell which change moved which verdict; 0 skips it."""
+    baseline_cyclip_lambda: float = 0.05
+    """The λ the earlier study chose (the smallest of its grid, 0.05 and 0.25)."""
+    previous_verdicts: str = "study/verdicts_300_steps.json"
+    """The earlier study's verdicts, shown beside the new ones (relative to the repository root; "" or a
+    missing file: no such column)."""
 
     BOUNDS: ClassVar[Dict[str, Rule]] = {
         **{k: Range(low=1) for k in ("threads", "pretrain_size", "val_size", "finetune_size", "test_size",
                                      "reference_size", "pretrain_steps", "pretrain_batch", "cyclip_reference_batch",
-                                     "finetune_steps", "finetune_batch", "grad_share_sizes")},
+                                     "finetune_steps", "finetune_batch", "grad_share_sizes", "probe_every",
+                                     "probe_size")},
+        "grid_extensions": Range(low=0), "baseline_pretrain_steps": Range(low=0),
+        "settle_window": Range(low=0, high=1, low_open=True, high_open=True),
+        "settle_tolerance": Range(low=0, low_open=True),
         "seeds": Range(low=0), "pretrain_warmup": Range(low=0), "finetune_warmup": Range(low=0),
         **{k: Range(low=0) for k in ("pretrain_weight_decay", "finetune_weight_decay", "cyclip_lambdas", "m2mix_weights")},
         **{k: Range(low=0, low_open=True) for k in ("pretrain_lrs", "finetune_lrs", "finetune_clip_scale",
+                                                    "baseline_cyclip_lambda",
                                                     "m2mix_logit_scale", "m2mix_alpha")},
     }
     """Every field's rule, written once (common/validation.py; NaN/±inf are refused for every number)."""
@@ -85,9 +111,10 @@ class StudyConfig:
         """ConfigError (one line naming the key) for a value outside its rule."""
         check_bounds(self, self.BOUNDS)
 
-    def pretrain_optim(self, lr: float) -> OptimConfig:
-        """One pretraining run's optimizer and schedule (the trainer's defaults for everything not set here)."""
-        return OptimConfig(steps=self.pretrain_steps, lr=lr, warmup_steps=self.pretrain_warmup,
+    def pretrain_optim(self, lr: float, steps: int = 0) -> OptimConfig:
+        """One pretraining run's optimizer and schedule (the trainer's defaults for everything not set here);
+        ``steps``: another budget than ``pretrain_steps`` (the baseline's)."""
+        return OptimConfig(steps=steps or self.pretrain_steps, lr=lr, warmup_steps=self.pretrain_warmup,
                            weight_decay=self.pretrain_weight_decay)
 
     def finetune_optim(self, lr: float) -> OptimConfig:

@@ -35,10 +35,11 @@ from train.model.build import build_model, export_state_dict
 
 SHIFTS = [(c, s) for c in sorted(CORRUPTIONS) for s in SEVERITIES]
 MODEL = "tiny_vit"
-RUN_FORMAT = 2
+RUN_FORMAT = 3
 """Version of a run's saved files (runs/<name>/run.json, model.pt, eval.json). 2: trained through the
-trainer's core, model.pt an exported state dict, eval.json with the evaluator's keys. A saved run of
-another version is retrained (version 1, the study's own loop with test.json, is not reused)."""
+trainer's core, model.pt an exported state dict, eval.json with the evaluator's keys; 3: the records carry
+the training probe (Probe). A saved run of another version is retrained (version 1, the study's own loop
+with test.json, is not reused)."""
 
 
 @dataclass
@@ -180,9 +181,49 @@ class RunSpec:
                                       "init": init}))
 
 
-def train_run(spec: RunSpec, split: Split, tokens: Tokens, device, log=print) -> tuple:
+class Probe:
+    """What the study watches while a run trains (``train_in_process``'s probe), on ``size`` fixed val pairs
+    every ``every`` steps and at the last (step ``last``):
+
+    - ``probe_share_per_lambda``: ‖∇ w·(C_in + C_cross)‖ / ‖∇ L_clip‖ w.r.t. the pairs' features at the
+      model's clamped logit scale, with w = N_ref/size (λ = 1 stated at ``reference_batch``, as the study
+      states λ); the share is linear in w, so at λ it is λ × this (train/losses/diagnostics.py);
+    - ``probe_alignment``, ``probe_uniformity``: Wang & Isola's alignment over the pairs and uniformity of
+      the union of both modalities (train/evaluate/metrics.py, as the evaluation reports them).
+
+    Eval mode and no_grad for the features (the tiny ViT has no dropout, and nothing random is drawn), so a
+    probed run trains bit-identically to an unprobed one.
+    """
+
+    def __init__(self, split: Split, tokenizer, preprocess: Preprocess, size: int, every: int, last: int,
+                 reference_batch: Optional[int], max_logit_scale: float, device):
+        size = min(size, len(split.labels))
+        self.images = preprocess.batch(split.images[:size], device)
+        self.texts = tokenizer(split.captions[:size]).to(device)
+        self.every, self.last, self.max_logit_scale = every, last, max_logit_scale
+        self.unit = reference_batch / size if reference_batch else 1.0
+
+    def __call__(self, step: int, model: torch.nn.Module) -> Dict[str, float]:
+        from train.evaluate.metrics import alignment, uniformity
+        from train.losses.diagnostics import regulariser_share
+
+        if step % self.every and step != self.last:
+            return {}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            image = model.encode_image(self.images, normalize=True).float().cpu()
+            text = model.encode_text(self.texts, normalize=True).float().cpu()
+            scale = min(float(model.logit_scale.exp()), self.max_logit_scale)
+        model.train(was_training)
+        return {"probe_share_per_lambda": regulariser_share(image, text, scale, self.unit),
+                "probe_alignment": alignment(image, text), "probe_uniformity": uniformity(torch.cat([image, text]))}
+
+
+def train_run(spec: RunSpec, split: Split, tokens: Tokens, device, log=print,
+              probe: Optional[Callable[[int, torch.nn.Module], Dict[str, float]]] = None) -> tuple:
     """Train one model in this process through the trainer's core; returns (model in eval mode, the loss
-    records of train_in_process: every 25 steps and the last)."""
+    records of train_in_process: every 25 steps and the last, with ``probe``'s values where it ran)."""
     torch.manual_seed(spec.seed)
     model, preprocess, _ = new_model(device, spec.init)
     if spec.loss.clip_logit_scale is not None:
@@ -199,7 +240,7 @@ def train_run(spec: RunSpec, split: Split, tokens: Tokens, device, log=print) ->
             log(f"  step {record['step']}/{spec.optim.steps}: loss {record['loss']:.4f}, "
                 f"scale {record['logit_scale']:.1f}")
 
-    records = train_in_process(model, batches, spec.optim, spec.loss, spec.seed, log=progress)
+    records = train_in_process(model, batches, spec.optim, spec.loss, spec.seed, log=progress, probe=probe)
     return model, records
 
 

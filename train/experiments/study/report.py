@@ -20,6 +20,7 @@ from common.atomic_files import atomic_write_text  # noqa: E402
 from train.evaluate.report import markdown_table  # noqa: E402
 from train.experiments import claims  # noqa: E402
 from train.experiments.claims import ARMS  # noqa: E402
+from train.experiments.study import report_budget  # noqa: E402
 
 PAIRS = [("cyclip", "clip"), ("m2mix", "plain")]
 
@@ -81,7 +82,7 @@ def sweep_plot(record, path: Path) -> str:
         pts = [(0.0, r["val_top1"]) for r in pre["clip"] if r["lr"] == lr] + \
               sorted((r["lambda"], r["val_top1"]) for r in pre["cyclip"] if r["lr"] == lr)
         left.plot(*zip(*pts), marker="o", label=f"lr {lr:g}")
-    left.set_xscale("symlog", linthresh=0.05)
+    left.set_xscale("symlog", linthresh=0.01)
     left.set(xlabel=f"CyCLIP λ₁ = λ₂ (at reference batch {record['config']['cyclip_reference_batch']}; 0 = CLIP)",
              ylabel="val zero-shot top-1", title="Pretraining sweep (seed 0)")
     left.legend()
@@ -119,12 +120,40 @@ def sweep_tables(record) -> List[str]:
     return [markdown_table(["arm", "lr", "λ₁ = λ₂ (at ref. batch)", "val top-1"], rows), "",
             markdown_table(["arm", "lr", "w", "val top-1"], rows_ft), "",
             "CyCLIP and m²-Mix are tuned by coordinate search: λ (w) at the first learning rate, then the other "
-            "learning rates at the best λ (w).",
+            "learning rates at the best λ (w) (one learning rate: a grid over λ (w) alone). While the val best "
+            f"sits at a grid's edge, the grid is extended (×2.5 above, ×0.5 below, at most "
+            f"{record['config'].get('grid_extensions', 0)} added; train/experiments/study/design.py)." + _edge_note(record),
             f"Chosen (best val top-1 of each arm): CLIP lr {c['pretrain']['clip']['lr']:g}; CyCLIP lr "
             f"{c['pretrain']['cyclip']['lr']:g}, λ {c['pretrain']['cyclip']['lambda']:g}; plain lr "
             f"{c['finetune']['plain']['lr']:g}; m²-Mix lr {c['finetune']['m2mix']['lr']:g}, w {c['finetune']['m2mix']['w']:g}.",
             "The val split has " f"{record['config']['val_size']} images (standard error of a top-1 near 0.7 ≈ 0.008), "
             "so sweep differences below ~0.02 do not rank settings reliably."]
+
+
+def _edge_note(record) -> str:
+    from train.experiments.study.design import at_edge
+
+    notes = []
+    for stage, arm, key, name in (("pretrain_sweep", "cyclip", "lambda", "λ"), ("finetune_sweep", "m2mix", "w", "w")):
+        rows = record[stage][arm]
+        first_lr = rows[0]["lr"]
+        scores = {r[key]: r["val_top1"] for r in rows if r["lr"] == first_lr}
+        if at_edge(scores):
+            notes.append(f"{name}'s best is still at its grid's edge")
+    return (" " + "; ".join(notes) + " (extensions spent).") if notes else " Both grids bracket their val best."
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), or the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def _optimizer_line(optim: Optional[Dict]) -> List[str]:
@@ -148,7 +177,11 @@ def _design_section(cfg: Dict, optim: Optional[Dict] = None) -> List[str]:
         f"- Pretraining: {cfg['pretrain_steps']} steps × batch {cfg['pretrain_batch']} "
         f"({cfg['pretrain_steps'] * cfg['pretrain_batch'] / cfg['pretrain_size']:.1f} epochs), cosine schedule, warmup "
         f"{cfg['pretrain_warmup']}, weight decay {cfg['pretrain_weight_decay']}; CyCLIP λ is stated at the paper's batch "
-        f"{cfg['cyclip_reference_batch']} (`loss.cyclip_reference_batch`: applied λ·{cfg['cyclip_reference_batch']}/N).",
+        f"{cfg['cyclip_reference_batch']} (`loss.cyclip_reference_batch`: applied λ·{cfg['cyclip_reference_batch']}/N). "
+        "The budget is a stated cap; whether CLIP's logit scale settled by then is the next section's rule."
+        + (f" The earlier budget ({cfg['baseline_pretrain_steps']} steps) is rerun with every seed for CLIP and for "
+           f"CyCLIP at the earlier λ {cfg['baseline_cyclip_lambda']:g} and at the λ chosen now, to separate the "
+           "two changes." if cfg.get("baseline_pretrain_steps") else ""),
         f"- Fine-tuning (from the CLIP pretraining of the same seed) on the *shifted* pool: attribute-only captions, "
         f"half the images corrupted; {cfg['finetune_steps']} steps × batch {cfg['finetune_batch']}, both arms with the "
         f"reference's fixed CLIP scale {cfg['finetune_clip_scale']:g}; m²-Mix with the reference's separate mix scale "
@@ -190,7 +223,8 @@ def write_report(record: Dict, out: Path) -> Path:
     evals, cfg = record["evals"], record["config"]
     names = {"corr": corruption_plot(evals, plots / "accuracy_per_corruption.png"),
              "rel": reliability_plot(evals, plots / "reliability_seed0.png"),
-             "sweep": sweep_plot(record, plots / "sweeps.png"), "curves": curves_plot(record, plots / "training_seed0.png")}
+             "sweep": sweep_plot(record, plots / "sweeps.png"), "curves": curves_plot(record, plots / "training_seed0.png"),
+             "budget": report_budget.budget_plot(record, plots / "budget.png")}
     verdicts = verdicts_of(evals)
     t = record["timings_s"]
     lines = [
@@ -204,13 +238,14 @@ def write_report(record: Dict, out: Path) -> Path:
         "effect that is "
         "not resolved is not shown to be absent: it is smaller than this design (tiny model, ~minutes of CPU "
         "training per arm, n seeds) can separate from seed noise.", "",
+        *report_budget.budget_sections(record, names["budget"]),
         "## Results on the test split (mean ± sd over seeds)", "", claims.results_table({ARMS[a]: evals[a] for a in ARMS}), "",
         f"![accuracy per corruption](plots/{names['corr']})", "", f"![reliability](plots/{names['rel']})", "",
         "## Tuning on val (seed 0)", "", *sweep_tables(record), "", f"![sweeps](plots/{names['sweep']})", "",
         f"![training](plots/{names['curves']})", "",
         *_captions_and_share_sections(record),
         "## Time", "",
-        f"{t['total'] / 60:.1f} min in total on this machine ({os.cpu_count()} cores, load average "
+        f"{t['total'] / 60:.1f} min in total on this machine ({_cpu_name()}, {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f} when written): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in t.items() if k != "total")
         + " (stages reused from an interrupted run count only their remaining part).", ""]
     return atomic_write_text(out / "REPORT.md", "\n".join(lines))

@@ -34,7 +34,9 @@ from common.paths import REPO_ROOT
 from pipeline.demo.source import CLASSNAMES, TEMPLATES
 from train.evaluate.data import encode_texts, logit_scale_of
 from train.experiments import claims
-from train.experiments.study import evaluation, lib
+from train.config import OptimConfig
+from train.core import schedule
+from train.experiments.study import design, evaluation, lib
 from train.experiments.study.config import StudyConfig
 from train.losses.diagnostics import regulariser_share
 
@@ -68,7 +70,7 @@ class Study:
     # ---------------------------------------------------------------- runs (resumable)
     def run(self, name: str, spec: lib.RunSpec, split: str) -> Dict:
         """Train (unless saved with the same ``spec.record()``), score val top-1; returns run.json's contents:
-        {"name", "val_top1", "records", "seconds", "config"}."""
+        {"name", "val_top1", "records", "seconds", "config"}. The records carry the training probe (lib.Probe)."""
         folder = self.out / "runs" / name
         config = spec.record()
         if (folder / "run.json").is_file() and (folder / "model.pt").is_file():
@@ -76,8 +78,10 @@ class Study:
             if saved["config"] == config:
                 return saved
             self.log(f"{name}: saved run has another configuration or format, retraining")
-        t = time.perf_counter()
-        model, records = lib.train_run(spec, self.data[split], self.tokens[split], self.device, self.log)
+        t, c = time.perf_counter(), self.cfg
+        probe = lib.Probe(self.data["val"], self.tokenizer, self.preprocess, c.probe_size, c.probe_every,
+                          spec.optim.steps - 1, c.cyclip_reference_batch, spec.optim.max_logit_scale, self.device)
+        model, records = lib.train_run(spec, self.data[split], self.tokens[split], self.device, self.log, probe)
         (folder / "eval.json").unlink(missing_ok=True)    # the evaluation of the weights replaced here
         lib.save_model(model, folder / "model.pt", spec.optim.max_logit_scale)
         info = {"name": name, "val_top1": evaluation.val_top1(model, self.tokenizer, self.preprocess, self.data),
@@ -89,6 +93,9 @@ class Study:
 
     def load(self, name: str):
         return lib.new_model(self.device, self.out / "runs" / name / "model.pt")[0].eval()
+
+    def records(self, name: str) -> List[Dict]:
+        return json.loads((self.out / "runs" / name / "run.json").read_text())["records"]
 
     def evaluate(self, name: str) -> Dict:
         """The run's test metrics (evaluation.evaluate_model), saved as runs/<name>/eval.json and reused while
@@ -108,9 +115,9 @@ class Study:
                  f"({time.perf_counter() - t:.0f} s)")
         return result
 
-    def pre_spec(self, lr: float, lam: float, seed: int) -> lib.RunSpec:
+    def pre_spec(self, lr: float, lam: float, seed: int, steps: int = 0) -> lib.RunSpec:
         c = self.cfg
-        return lib.RunSpec(c.pretrain_optim(lr), c.pretrain_loss(lam), c.pretrain_batch, seed)
+        return lib.RunSpec(c.pretrain_optim(lr, steps), c.pretrain_loss(lam), c.pretrain_batch, seed)
 
     def ft_spec(self, lr: float, w: float, seed: int, init: str) -> lib.RunSpec:
         c = self.cfg
@@ -118,8 +125,21 @@ class Study:
                            self.out / "runs" / init / "model.pt")
 
     # ---------------------------------------------------------------- stages
+    def _grid(self, values: List[float], train, key: str, rows: List[Dict]) -> None:
+        """Train ``values`` at the first lr, then extend the grid while its val best sits at an edge
+        (design.next_grid_value, at most ``grid_extensions`` values)."""
+        for v in values:
+            train(v)
+        for extension in range(self.cfg.grid_extensions + 1):
+            nxt = design.next_grid_value({r[key]: r["val_top1"] for r in rows}, extension, self.cfg.grid_extensions)
+            if nxt is None:
+                return
+            self.log(f"val best of the {key} grid is at its edge: adding {key} = {nxt:.3g}")
+            train(float(f"{nxt:.3g}"))
+
     def tune_pretraining(self) -> Dict:
-        """CLIP: every lr. CyCLIP: coordinate search, every λ at the first lr, then the other lrs at the best λ."""
+        """CLIP: every lr. CyCLIP: λ at the first lr (grid extended while its best is at an edge), then the
+        other lrs at the best λ (coordinate search)."""
         c, s0 = self.cfg, self.cfg.seeds[0]
         sweep = {"clip": [], "cyclip": []}
 
@@ -130,15 +150,14 @@ class Study:
         for lr in c.pretrain_lrs:
             info = self.run(arm_name("pre", "clip", lr, s0), self.pre_spec(lr, 0.0, s0), "pretrain")
             sweep["clip"].append({"lr": lr, "lambda": 0.0, "val_top1": info["val_top1"], "name": info["name"]})
-        for lam in c.cyclip_lambdas:
-            cyclip(c.pretrain_lrs[0], lam)
+        self._grid(c.cyclip_lambdas, lambda lam: cyclip(c.pretrain_lrs[0], lam), "lambda", sweep["cyclip"])
         best_lam = max(sweep["cyclip"], key=lambda r: r["val_top1"])["lambda"]
         for lr in c.pretrain_lrs[1:]:
             cyclip(lr, best_lam)
         return sweep
 
     def tune_finetuning(self, init_of) -> Dict:
-        """Plain: every lr. m²-Mix: every w at the first lr, then the other lrs at the best w."""
+        """Plain: every lr. m²-Mix: w at the first lr (grid extended likewise), then the other lrs at the best w."""
         c, s0 = self.cfg, self.cfg.seeds[0]
         sweep = {"plain": [], "m2mix": []}
 
@@ -149,12 +168,48 @@ class Study:
         for lr in c.finetune_lrs:
             info = self.run(arm_name("ft", "plain", lr, s0), self.ft_spec(lr, 0.0, s0, init_of(s0)), "finetune")
             sweep["plain"].append({"lr": lr, "w": 0.0, "val_top1": info["val_top1"], "name": info["name"]})
-        for w in c.m2mix_weights:
-            m2mix(c.finetune_lrs[0], w)
+        self._grid(c.m2mix_weights, lambda w: m2mix(c.finetune_lrs[0], w), "w", sweep["m2mix"])
         best_w = max(sweep["m2mix"], key=lambda r: r["val_top1"])["w"]
         for lr in c.finetune_lrs[1:]:
             m2mix(lr, best_w)
         return sweep
+
+    def baseline_cells(self, best: Dict) -> List[Dict]:
+        """The earlier budget (``baseline_pretrain_steps``) with every seed: CLIP, CyCLIP at the earlier λ and
+        (when it differs) at the λ chosen now; each cell judged like the main comparison. Read beside the main
+        verdicts, the cells tell the budget's effect from the λ grid's."""
+        c = self.cfg
+        if not c.baseline_pretrain_steps:
+            return []
+        steps, tag = c.baseline_pretrain_steps, f"_steps{c.baseline_pretrain_steps}"
+        clip_lr, cy_lr = best["clip"]["lr"], best["cyclip"]["lr"]
+        clip = [self.run(arm_name("pre", "clip", clip_lr, s, tag), self.pre_spec(clip_lr, 0.0, s, steps),
+                         "pretrain")["name"] for s in c.seeds]
+        cells = []
+        for lam in dict.fromkeys([c.baseline_cyclip_lambda, best["cyclip"]["lambda"]]):
+            cyclip = [self.run(arm_name("pre", "cyclip", cy_lr, s, f"_lam{lam:g}{tag}"),
+                               self.pre_spec(cy_lr, lam, s, steps), "pretrain")["name"] for s in c.seeds]
+            evals = {"clip": [self.evaluate(n) for n in clip], "cyclip": [self.evaluate(n) for n in cyclip]}
+            cells.append({"steps": steps, "lambda": lam, "runs": {"clip": clip, "cyclip": cyclip},
+                          "logit_scale": {arm: [self.records(n)[-1]["logit_scale"] for n in names]
+                                          for arm, names in (("clip", clip), ("cyclip", cyclip))},
+                          "verdicts": [v.as_dict() for v in claims.judge_arms(evals, "cyclip", "clip")]})
+        return cells
+
+    def settling(self, runs: Dict[str, List[str]]) -> Dict:
+        """Per arm and seed, design.settling of the logit scale (pretraining) or of the probe's alignment and
+        uniformity (fine-tuning), with the run's own per-step learning rates."""
+        c, out = self.cfg, {}
+        for arm, names in runs.items():
+            keys = ["logit_scale"] if arm in ("clip", "cyclip") else ["probe_alignment", "probe_uniformity"]
+            for name in names:
+                info = json.loads((self.out / "runs" / name / "run.json").read_text())
+                optim = OptimConfig(**info["config"]["optim"])
+                lrs = [schedule.cosine_lr(s, optim) for s in range(optim.steps)]
+                for key in keys:
+                    out.setdefault(arm, {}).setdefault(key, []).append(
+                        design.settling(info["records"], key, lrs, c.settle_window, c.settle_tolerance))
+        return out
 
     def main(self) -> Path:
         from train.experiments.study import report as study_report
@@ -184,9 +239,13 @@ class Study:
         evals = {arm: [self.evaluate(n) for n in names] for arm, names in {**pre_runs, **ft_runs}.items()}
         self.timings["evaluation"] = time.perf_counter() - t
         t = time.perf_counter()
+        cells = self.baseline_cells(best)
+        self.timings["baseline budget"] = time.perf_counter() - t
+        t = time.perf_counter()
         extras = {"grad_share": self.grad_share(pre_runs["clip"][0]), "captions": self.caption_stats(pre_runs["clip"][0])}
         self.timings["diagnostics"] = time.perf_counter() - t
         self.timings["total"] = time.perf_counter() - self.t0
+        previous = REPO_ROOT / c.previous_verdicts if c.previous_verdicts else None
         record = {"config": dataclasses.asdict(c), "run_format": lib.RUN_FORMAT,
                   "optim": {"pretrain": dataclasses.asdict(c.pretrain_optim(best["clip"]["lr"])),
                             "finetune": dataclasses.asdict(c.finetune_optim(best_ft["plain"]["lr"]))},
@@ -195,8 +254,10 @@ class Study:
                   "evals": evals, **extras, "timings_s": self.timings,
                   "verdicts": [v.as_dict() for pair in (("cyclip", "clip"), ("m2mix", "plain"))
                                for v in claims.judge_arms(evals, *pair)],
-                  "training_records": {n: json.loads((self.out / "runs" / n / "run.json").read_text())["records"]
-                                       for names in (*pre_runs.values(), *ft_runs.values()) for n in names[:1]}}
+                  "settling": self.settling({**pre_runs, **ft_runs}), "baseline_cells": cells,
+                  "previous": json.loads(previous.read_text()) if previous and previous.is_file() else None,
+                  "training_records": {n: self.records(n) for names in (*pre_runs.values(), *ft_runs.values())
+                                       for n in names[:1]}}
         lib.save_json(self.out / "results.json", record)
         report = study_report.write_report(record, self.out)
         self.log(f"done: {report}")
