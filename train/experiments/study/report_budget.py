@@ -65,6 +65,24 @@ def budget_plot(record: Dict, path: Path) -> str:
 
 
 # ---------------------------------------------------------------- tables
+def effect_settling(record: Dict) -> Dict[str, Dict]:
+    """design.settling of m²-Mix's effect on the probe (m²-Mix minus plain, seed 0, at the steps both
+    probed) under the fine-tuning schedule: whether the *difference* the claims judge had settled."""
+    from train.config import OptimConfig
+    from train.core.schedule import cosine_lr
+    from train.experiments.study.design import settling
+
+    cfg, optim = record["config"], OptimConfig(**record["optim"]["finetune"])
+    lrs = [cosine_lr(s, optim) for s in range(optim.steps)]
+    plain = {r["step"]: r for r in seed0(record, "plain") if "probe_alignment" in r}
+    out = {}
+    for key in ("probe_alignment", "probe_uniformity"):
+        gap = [{"step": r["step"], key: r[key] - plain[r["step"]][key]}
+               for r in seed0(record, "m2mix") if key in r and r["step"] in plain]
+        out[key] = settling(gap, key, lrs, cfg["settle_window"], cfg["settle_tolerance"])
+    return out
+
+
 def settling_table(record: Dict) -> str:
     cfg = record["config"]
     rows = []
@@ -77,6 +95,10 @@ def settling_table(record: Dict) -> str:
                          f"{100 * worst_steps:.1f}% (from step {per_seed[0]['steps']['start']})",
                          f"{100 * worst_lr:.1f}% (from step {per_seed[0]['lr']['start']})",
                          f"{settled} of {len(per_seed)}"])
+    for key, s in effect_settling(record).items():
+        rows.append(["m²-Mix − plain (seed 0)", PROBE_KEYS[key], f"{s['end']:+.3f}",
+                     f"{100 * s['steps']['change']:.1f}% (from step {s['steps']['start']})",
+                     f"{100 * s['lr']['change']:.1f}% (from step {s['lr']['start']})", "yes" if s["settled"] else "no"])
     return markdown_table(["arm", "quantity", "at the end (mean)",
                            f"change over the last {cfg['settle_window']:.0%} of steps (worst seed)",
                            f"change over the last {cfg['settle_window']:.0%} of Σ lr (worst seed)",
