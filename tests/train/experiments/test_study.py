@@ -15,6 +15,17 @@ from pipeline.demo.source import FASHION_MNIST_DIR
 from train.experiments import claims
 
 
+def config_file(tmp_path, cfg) -> str:
+    """``cfg`` as a YAML config file (the CLI's --config)."""
+    import dataclasses
+
+    import yaml
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    return str(path)
+
+
 def parse_verdicts(text: str) -> dict:
     rows = {}
     for line in text.splitlines():
@@ -36,7 +47,7 @@ def test_micro_study_report_matches_results_json(tmp_path):
                       test_size=100, reference_size=200, pretrain_steps=4, pretrain_batch=32, pretrain_warmup=1,
                       pretrain_lrs=[1e-3], cyclip_lambdas=[0.25], finetune_steps=4, finetune_batch=32,
                       finetune_warmup=1, finetune_lrs=[1e-4], m2mix_weights=[0.02], grad_share_sizes=[64],
-                      grid_extensions=1, probe_every=2, probe_size=32, baseline_pretrain_steps=2)
+                      grid_extensions=1, probe_every=25, probe_size=32, baseline_pretrain_steps=2)
     report = Study(cfg).main()
     out = tmp_path / "study"
     record = json.loads((out / "results.json").read_text())
@@ -70,6 +81,13 @@ def test_micro_study_report_matches_results_json(tmp_path):
     assert record["optim"]["pretrain"]["beta2"] == 0.98 and record["optim"]["pretrain"]["steps"] == 4
     for png in re.findall(r"\((plots/[^)]+\.png)\)", text):
         assert (out / png).is_file(), png
+    # the report is a function of results.json and the saved runs: --report-only rewrites it unchanged (but
+    # for the Time section's load average)
+    from train.experiments.study.run import main as study_main
+
+    before = text.split("## Time")[0]
+    assert study_main(["--report-only", "--config", config_file(tmp_path, cfg)]) == 0
+    assert report.read_text().split("## Time")[0] == before
     # a rerun reuses every finished run and evaluation ...
     models = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/model.pt")}
     evals = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/eval.json")}

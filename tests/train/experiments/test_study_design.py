@@ -44,10 +44,10 @@ def test_settling_reads_the_record_at_or_before_the_window_start():
     records = [{"step": s, "q": 10.0 + (s if s < 60 else 60) * 0.1} for s in range(0, 100, 25)] + [{"step": 99, "q": 16.0}]
     out = design.settling(records, "q", lrs)
     # the window starts at step 80; the last record at or before it is step 75 (q = 16): no change
-    assert out["steps"]["start"] == 80 and out["steps"]["change"] == 0.0 and out["settled"]
+    assert out["steps"]["start"] == 80 and out["steps"]["from"] == 75 and out["steps"]["change"] == 0.0 and out["settled"]
     rising = [{"step": s, "q": 10.0 + s} for s in range(0, 100, 25)] + [{"step": 99, "q": 109.0}]
     out = design.settling(rising, "q", lrs)
-    assert out["lr"]["change"] == pytest.approx((109 - 85) / 109) and not out["settled"]
+    assert out["lr"]["change"] == pytest.approx((109 - 85) / 109) and out["lr"]["from"] == 75 and not out["settled"]
     # records without the key (a probe every few records) are skipped; fewer than two is an error
     assert design.settling(records + [{"step": 100}], "q", lrs + [1.0])["end"] == 16.0
     with pytest.raises(ValueError, match="need at least 2"):
@@ -84,3 +84,9 @@ def test_the_tuning_loop_extends_the_grid_until_it_brackets_the_best(peak, grid,
     Study._grid(study, grid, train, "lambda", rows)
     assert [r["lambda"] for r in rows] == pytest.approx(tried)
     assert len(logged) == len(tried) - len(grid)
+
+
+def test_the_best_row_breaks_ties_towards_the_weaker_regulariser():
+    rows = [{"lambda": 0.1, "val_top1": 0.8}, {"lambda": 0.005, "val_top1": 0.85}, {"lambda": 0.01, "val_top1": 0.85}]
+    assert design.best(rows, "lambda")["lambda"] == 0.005
+    assert design.best(rows[:1], "lambda")["lambda"] == 0.1

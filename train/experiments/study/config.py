@@ -11,8 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, List
 
+from common.errors import ConfigError
 from common.validation import Range, Rule, check_bounds
 from train.config import LossConfig, OptimConfig
+
+RECORD_EVERY = 25
+"""Steps between a run's loss records (train_in_process's ``record_every``); the probe runs on records."""
 
 
 @dataclass
@@ -75,7 +79,7 @@ class StudyConfig:
     (design.next_grid_value: ×2.5 above, ×0.5 below); 0: the grid as given."""
     probe_every: int = 100
     """Steps between training probes (logit scale, the regularisers' gradient share, alignment and
-    uniformity on ``probe_size`` val pairs; lib.Probe), and at the last step."""
+    uniformity on ``probe_size`` val pairs; lib.Probe), and at the last step: a multiple of RECORD_EVERY."""
     probe_size: int = 256
     """Val pairs of the probe (the pretraining batch: the share is measured at the batch trained with)."""
     settle_window: float = 0.2
@@ -93,23 +97,34 @@ class StudyConfig:
 
     BOUNDS: ClassVar[Dict[str, Rule]] = {
         **{k: Range(low=1) for k in ("threads", "pretrain_size", "val_size", "finetune_size", "test_size",
-                                     "reference_size", "pretrain_steps", "pretrain_batch", "cyclip_reference_batch",
-                                     "finetune_steps", "finetune_batch", "grad_share_sizes", "probe_every",
-                                     "probe_size")},
+                                     "reference_size", "pretrain_batch", "cyclip_reference_batch",
+                                     "finetune_batch", "grad_share_sizes", "probe_every", "probe_size")},
+        # two steps at least: the budget rule compares a run's first and last records
+        "pretrain_steps": Range(low=2), "finetune_steps": Range(low=2),
         "grid_extensions": Range(low=0), "baseline_pretrain_steps": Range(low=0),
         "settle_window": Range(low=0, high=1, low_open=True, high_open=True),
         "settle_tolerance": Range(low=0, low_open=True),
         "seeds": Range(low=0), "pretrain_warmup": Range(low=0), "finetune_warmup": Range(low=0),
-        **{k: Range(low=0) for k in ("pretrain_weight_decay", "finetune_weight_decay", "cyclip_lambdas", "m2mix_weights")},
+        **{k: Range(low=0) for k in ("pretrain_weight_decay", "finetune_weight_decay")},
+        # λ = 0 and w = 0 are the baselines (CLIP, plain), always run: the grids hold the methods' values
         **{k: Range(low=0, low_open=True) for k in ("pretrain_lrs", "finetune_lrs", "finetune_clip_scale",
-                                                    "baseline_cyclip_lambda",
+                                                    "baseline_cyclip_lambda", "cyclip_lambdas", "m2mix_weights",
                                                     "m2mix_logit_scale", "m2mix_alpha")},
     }
     """Every field's rule, written once (common/validation.py; NaN/±inf are refused for every number)."""
 
     def validate(self) -> None:
-        """ConfigError (one line naming the key) for a value outside its rule."""
+        """ConfigError (one line naming the key) for a value outside its rule, an empty list, or a probe
+        spacing the records do not have."""
         check_bounds(self, self.BOUNDS)
+        for key in ("seeds", "pretrain_lrs", "cyclip_lambdas", "finetune_lrs", "m2mix_weights"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key}: empty; give at least one value")
+        if self.probe_size > self.val_size:
+            raise ConfigError(f"probe_size={self.probe_size}: more than the {self.val_size} val pairs (val_size)")
+        if self.probe_every % RECORD_EVERY:
+            raise ConfigError(f"probe_every={self.probe_every}: must be a multiple of {RECORD_EVERY} (the probe runs "
+                              "on the loss records, every 25 steps, and at the last step)")
 
     def pretrain_optim(self, lr: float, steps: int = 0) -> OptimConfig:
         """One pretraining run's optimizer and schedule (the trainer's defaults for everything not set here);

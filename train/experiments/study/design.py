@@ -15,7 +15,7 @@ The study reports both and calls a quantity settled only when the ``lr`` reading
 from __future__ import annotations
 
 import bisect
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def window_start(lrs: Sequence[float], window: float, by: str) -> int:
@@ -42,22 +42,26 @@ def window_start(lrs: Sequence[float], window: float, by: str) -> int:
     return min(total_steps - 1, bisect.bisect_left(cumulative, (1 - window) * acc))
 
 
-def relative_change(steps: Sequence[int], values: Sequence[float], start: int) -> float:
-    """|q_end − q_start| / |q_end|, q_start the recorded value at the last recorded step ≤ ``start``
-    (records come every few steps; the run's first record is step 0). ``steps`` ascending, same length as
-    ``values``."""
+def relative_change(steps: Sequence[int], values: Sequence[float], start: int) -> Tuple[float, int]:
+    """(|q_end − q_start| / |q_end|, the step q_start was recorded at): q_start is the value at the last
+    recorded step ≤ ``start`` (records come every few steps; the run's first record is step 0). ``steps``
+    ascending, same length as ``values``; q_end = 0 gives inf."""
     i = max(0, bisect.bisect_right(list(steps), start) - 1)
     end = values[-1]
-    return abs(end - values[i]) / abs(end) if end else float("inf")
+    return (abs(end - values[i]) / abs(end) if end else float("inf")), steps[i]
 
 
 def settling(records: List[Dict], key: str, lrs: Sequence[float], window: float = 0.2,
              tolerance: float = 0.05) -> Dict:
     """Whether ``records[*][key]`` settled over a run with per-step learning rates ``lrs``.
 
-    Returns {"end": q_end, "steps": {"start": step, "change": rel}, "lr": {"start": step, "change": rel},
-    "settled_steps": bool, "settled": bool} (``settled``: the ``lr`` reading, see the module docstring).
-    Records without ``key`` are ignored (a probe runs every few records); fewer than two raise ValueError.
+    Returns {"end": q_end, "steps": reading, "lr": reading, "settled_steps": bool, "settled": bool}, each
+    reading {"start": the window's first step, "from": the step of the record compared with the end (the
+    last at or before "start"), "change": the relative change}; ``settled`` is the ``lr`` reading (module
+    docstring). Records without ``key`` are ignored (a probe runs every few records).
+
+    Raises:
+        ValueError: fewer than two records carry ``key``.
     """
     rows = [(r["step"], float(r[key])) for r in records if key in r]
     if len(rows) < 2:
@@ -66,10 +70,17 @@ def settling(records: List[Dict], key: str, lrs: Sequence[float], window: float 
     out: Dict = {"end": values[-1]}
     for by in ("steps", "lr"):
         start = window_start(lrs, window, by)
-        out[by] = {"start": start, "change": relative_change(steps, values, start)}
+        change, used = relative_change(steps, values, start)
+        out[by] = {"start": start, "from": used, "change": change}
     out["settled_steps"] = out["steps"]["change"] < tolerance
     out["settled"] = out["lr"]["change"] < tolerance
     return out
+
+
+def best(rows: List[Dict], key: str) -> Dict:
+    """The row of highest "val_top1"; a tie goes to the smaller ``key`` (λ or w: the weaker regulariser),
+    the rule next_grid_value brackets by."""
+    return max(sorted(rows, key=lambda r: r[key]), key=lambda r: r["val_top1"])
 
 
 def next_grid_value(scores: Dict[float, float], tried_extensions: int, max_extensions: int,

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -30,6 +30,7 @@ from PIL import Image
 from pipeline.demo.source import load_split, make_captions
 from train.config import LossConfig, ModelConfig, OptimConfig
 from train.core.inprocess import epoch_batches, train_in_process
+from train.experiments.study.config import RECORD_EVERY
 from train.evaluate.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from train.model.build import build_model, export_state_dict
 
@@ -172,18 +173,21 @@ class RunSpec:
     seed: int
     init: Optional[Path] = None
     """An exported model.pt that fine-tuning starts from (None: random initialisation from ``seed``)."""
+    context: Dict = field(default_factory=dict)
+    """Whatever else the saved result depends on (the study: the data sizes and the probe's settings)."""
 
     def record(self) -> Dict:
         """What identifies the run's result: a saved run is reused only when this is equal (JSON-normalised)."""
         init = None if self.init is None else {"run": Path(self.init).parent.name, "sha256": file_digest(self.init)}
         return json.loads(json.dumps({"format": RUN_FORMAT, "model": MODEL, "optim": asdict(self.optim),
                                       "loss": asdict(self.loss), "batch": self.batch, "seed": self.seed,
-                                      "init": init}))
+                                      "init": init, **self.context}))
 
 
 class Probe:
     """What the study watches while a run trains (``train_in_process``'s probe), on ``size`` fixed val pairs
-    every ``every`` steps and at the last (step ``last``):
+    every ``every`` steps and at the last (step ``last``); it is called on the loss records, so ``every`` is a
+    multiple of their spacing (config.RECORD_EVERY):
 
     - ``probe_share_per_lambda``: ‖∇ w·(C_in + C_cross)‖ / ‖∇ L_clip‖ w.r.t. the pairs' features at the
       model's clamped logit scale, with w = N_ref/size (λ = 1 stated at ``reference_batch``, as the study
@@ -197,7 +201,8 @@ class Probe:
 
     def __init__(self, split: Split, tokenizer, preprocess: Preprocess, size: int, every: int, last: int,
                  reference_batch: Optional[int], max_logit_scale: float, device):
-        size = min(size, len(split.labels))
+        if size > len(split.labels):
+            raise ValueError(f"probe_size {size} > the {len(split.labels)} val pairs; lower probe_size or raise val_size")
         self.images = preprocess.batch(split.images[:size], device)
         self.texts = tokenizer(split.captions[:size]).to(device)
         self.every, self.last, self.max_logit_scale = every, last, max_logit_scale
@@ -223,7 +228,7 @@ class Probe:
 def train_run(spec: RunSpec, split: Split, tokens: Tokens, device, log=print,
               probe: Optional[Callable[[int, torch.nn.Module], Dict[str, float]]] = None) -> tuple:
     """Train one model in this process through the trainer's core; returns (model in eval mode, the loss
-    records of train_in_process: every 25 steps and the last, with ``probe``'s values where it ran)."""
+    records of train_in_process: every RECORD_EVERY steps and the last, with ``probe``'s values where it ran)."""
     torch.manual_seed(spec.seed)
     model, preprocess, _ = new_model(device, spec.init)
     if spec.loss.clip_logit_scale is not None:
@@ -240,7 +245,8 @@ def train_run(spec: RunSpec, split: Split, tokens: Tokens, device, log=print,
             log(f"  step {record['step']}/{spec.optim.steps}: loss {record['loss']:.4f}, "
                 f"scale {record['logit_scale']:.1f}")
 
-    records = train_in_process(model, batches, spec.optim, spec.loss, spec.seed, log=progress, probe=probe)
+    records = train_in_process(model, batches, spec.optim, spec.loss, spec.seed, record_every=RECORD_EVERY,
+                               log=progress, probe=probe)
     return model, records
 
 

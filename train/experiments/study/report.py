@@ -140,7 +140,10 @@ def _edge_note(record) -> str:
         scores = {r[key]: r["val_top1"] for r in rows if r["lr"] == first_lr}
         if at_edge(scores):
             notes.append(f"{name}'s best is still at its grid's edge")
-    return (" " + "; ".join(notes) + " (extensions spent).") if notes else " Both grids bracket their val best."
+    if not notes:
+        return " Both grids bracket their val best."
+    spent = " (extensions spent)" if record["config"].get("grid_extensions") else " (no extensions allowed)"
+    return " " + "; ".join(notes) + spent + "."
 
 
 def _cpu_name() -> str:

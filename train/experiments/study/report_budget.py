@@ -66,8 +66,10 @@ def budget_plot(record: Dict, path: Path) -> str:
 
 # ---------------------------------------------------------------- tables
 def effect_settling(record: Dict) -> Dict[str, Dict]:
-    """design.settling of m²-Mix's effect on the probe (m²-Mix minus plain, seed 0, at the steps both
-    probed) under the fine-tuning schedule: whether the *difference* the claims judge had settled."""
+    """design.settling of m²-Mix's effect on the probe under the fine-tuning schedule (seed 0, at the steps
+    both arms probed): the gain plain − m²-Mix (alignment and uniformity are better lower, so + = better, as
+    the verdicts sign it). Whether the *difference* the claims judge had settled; a gain near 0 cannot settle
+    relatively (its change is read against its own size)."""
     from train.config import OptimConfig
     from train.core.schedule import cosine_lr
     from train.experiments.study.design import settling
@@ -77,10 +79,19 @@ def effect_settling(record: Dict) -> Dict[str, Dict]:
     plain = {r["step"]: r for r in seed0(record, "plain") if "probe_alignment" in r}
     out = {}
     for key in ("probe_alignment", "probe_uniformity"):
-        gap = [{"step": r["step"], key: r[key] - plain[r["step"]][key]}
-               for r in seed0(record, "m2mix") if key in r and r["step"] in plain]
-        out[key] = settling(gap, key, lrs, cfg["settle_window"], cfg["settle_tolerance"])
+        gain = [{"step": r["step"], key: plain[r["step"]][key] - r[key]}
+                for r in seed0(record, "m2mix") if key in r and r["step"] in plain]
+        out[key] = settling(gain, key, lrs, cfg["settle_window"], cfg["settle_tolerance"])
     return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:g}%"
+
+
+def _change(reading: Dict) -> str:
+    change = "—" if reading["change"] == float("inf") else f"{100 * reading['change']:.1f}%"
+    return f"{change} (vs step {reading.get('from', reading['start'])})"
 
 
 def settling_table(record: Dict) -> str:
@@ -88,39 +99,32 @@ def settling_table(record: Dict) -> str:
     rows = []
     for arm, keys in record["settling"].items():
         for key, per_seed in keys.items():
-            worst_steps = max(s["steps"]["change"] for s in per_seed)
-            worst_lr = max(s["lr"]["change"] for s in per_seed)
+            worst = {by: max(per_seed, key=lambda s: s[by]["change"])[by] for by in ("steps", "lr")}
             settled = sum(s["settled"] for s in per_seed)
             rows.append([ARMS[arm], PROBE_KEYS[key], f"{sum(s['end'] for s in per_seed) / len(per_seed):.3f}",
-                         f"{100 * worst_steps:.1f}% (from step {per_seed[0]['steps']['start']})",
-                         f"{100 * worst_lr:.1f}% (from step {per_seed[0]['lr']['start']})",
-                         f"{settled} of {len(per_seed)}"])
+                         _change(worst["steps"]), _change(worst["lr"]), f"{settled} of {len(per_seed)}"])
     for key, s in effect_settling(record).items():
-        rows.append(["m²-Mix − plain (seed 0)", PROBE_KEYS[key], f"{s['end']:+.3f}",
-                     f"{100 * s['steps']['change']:.1f}% (from step {s['steps']['start']})",
-                     f"{100 * s['lr']['change']:.1f}% (from step {s['lr']['start']})", "yes" if s["settled"] else "no"])
+        rows.append(["m²-Mix gain over plain (seed 0; + = better)", PROBE_KEYS[key], f"{s['end']:+.3f}",
+                     _change(s["steps"]), _change(s["lr"]), "yes" if s["settled"] else "no"])
     return markdown_table(["arm", "quantity", "at the end (mean)",
-                           f"change over the last {cfg['settle_window']:.0%} of steps (worst seed)",
-                           f"change over the last {cfg['settle_window']:.0%} of Σ lr (worst seed)",
-                           f"seeds settled (Σ lr reading, < {cfg['settle_tolerance']:.0%})"], rows)
-
-
-def _at(records: List[Dict], step: int, key: str) -> Optional[float]:
-    """The value of ``key`` at the last record at or before ``step`` that has it."""
-    found = [r[key] for r in records if key in r and r["step"] <= step]
-    return found[-1] if found else None
+                           f"change over the last {_pct(cfg['settle_window'])} of steps (worst seed)",
+                           f"change over the last {_pct(cfg['settle_window'])} of Σ lr (worst seed)",
+                           f"settled (Σ lr reading, < {_pct(cfg['settle_tolerance'])})"], rows)
 
 
 def over_training_table(record: Dict, fractions=(0, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0)) -> str:
-    """Seed 0: logit scale of each arm and the regularisers' share at the chosen λ on each arm's features."""
-    lam, clip, cyclip = chosen_lambda(record), seed0(record, "clip"), seed0(record, "cyclip")
-    last = clip[-1]["step"]
+    """Seed 0, at the probed steps nearest to ``fractions`` of the run: logit scale of each arm and the
+    regularisers' share at the chosen λ on each arm's features (both arms probe the same steps)."""
+    lam = chosen_lambda(record)
+    clip = {r["step"]: r for r in seed0(record, "clip") if "probe_share_per_lambda" in r}
+    cyclip = {r["step"]: r for r in seed0(record, "cyclip") if "probe_share_per_lambda" in r}
+    steps = sorted(set(clip) & set(cyclip))
+    last = steps[-1]
     rows = []
-    for step in sorted({last if f == 1 else int(round(f * (last + 1))) for f in fractions}):
-        cells = [_at(clip, step, "logit_scale"), _at(cyclip, step, "logit_scale"),
-                 _at(clip, step, "probe_share_per_lambda"), _at(cyclip, step, "probe_share_per_lambda")]
-        cells[2:] = [None if v is None else lam * v for v in cells[2:]]
-        rows.append([step] + ["—" if v is None else f"{v:.3g}" for v in cells])
+    for step in sorted({min(steps, key=lambda s: abs(s - f * last)) for f in fractions}):
+        a, b = clip[step], cyclip[step]
+        rows.append([step] + [f"{v:.3g}" for v in (a["logit_scale"], b["logit_scale"], lam * a["probe_share_per_lambda"],
+                                                   lam * b["probe_share_per_lambda"])])
     return markdown_table(["step", "CLIP logit scale", "CyCLIP logit scale", f"share at λ = {lam:g}, CLIP's features",
                            f"share at λ = {lam:g}, CyCLIP's features"], rows)
 
@@ -129,14 +133,16 @@ def _verdict_cell(v: Optional[Dict]) -> str:
     return "—" if v is None else f"{v['verdict']} ({v['gain']:+.4f})"
 
 
-def what_moved(rerun: Optional[Dict], lam_cell: Optional[Dict], new: Dict) -> str:
-    """Which change turned the verdict: the λ grid (earlier budget, earlier λ → earlier budget, new λ), then
-    the budget (→ new budget, new λ); the gain's change of each step in parentheses."""
+def what_moved(committed: Optional[Dict], rerun: Optional[Dict], lam_cell: Optional[Dict], new: Dict) -> str:
+    """Which change turned the verdict, one step at a time from the earlier study's committed verdict: the
+    rerun of its design on today's code ("core"), then the λ grid (earlier budget, new λ), then the budget
+    (new budget, new λ); each step's change of the paired gain in parentheses. Order-dependent: an
+    interaction of λ and budget is credited to the budget."""
     if rerun is None or lam_cell is None:
         return "not separated (no earlier-budget cells)"
     parts = []
-    for label, a, b in (("λ grid", rerun, lam_cell), ("budget", lam_cell, new)):
-        if a is b:
+    for label, a, b in (("core", committed, rerun), ("λ grid", rerun, lam_cell), ("budget", lam_cell, new)):
+        if a is None or a is b:
             continue
         change = "turned it" if a["verdict"] != b["verdict"] else "kept it"
         parts.append(f"{label} {change} ({b['gain'] - a['gain']:+.4f})")
@@ -147,29 +153,50 @@ def then_and_now(record: Dict) -> List[str]:
     """The earlier study's verdicts beside the new ones, with the earlier-budget cells between them."""
     prev = record.get("previous") or {}
     prev_rows = {(v["arm"], v["metric"]): v for v in prev.get("verdicts", [])}
-    cells = record.get("baseline_cells", [])
+    cells = record.get("baseline_cells") or []
     cfg, lam = record["config"], chosen_lambda(record)
     old_lam = cfg.get("baseline_cyclip_lambda")
     by_lam = {c["lambda"]: {v["metric"]: v for v in c["verdicts"]} for c in cells}
-    steps = cells[0]["steps"] if cells else cfg.get("baseline_pretrain_steps")
+    design = prev.get("design", {})
+    header = ["comparison", "claimed effect"]
+    if prev:
+        header.append(f"earlier study (committed; {design.get('pretrain_steps', '?')} steps, λ {design.get('cyclip_lambda', '?')})")
+    if cells:
+        header += [f"{cells[0]['steps']} steps, λ {old_lam:g} (rerun)"] + (
+            [f"{cells[0]['steps']} steps, λ {lam:g}"] if lam != old_lam else [])
+    header += [f"{cfg['pretrain_steps']} steps, λ {lam:g} (new)", "what moved it"]
     rows = []
     for v in record["verdicts"]:
-        key = (v["arm"], v["metric"])
-        rerun = by_lam.get(old_lam, {}).get(v["metric"]) if v["arm"] == "cyclip" else None
-        lam_cell = by_lam.get(lam, {}).get(v["metric"]) if v["arm"] == "cyclip" else None
-        moved = what_moved(rerun, lam_cell, v) if v["arm"] == "cyclip" else \
-            "fine-tuning budget and the longer-trained CLIP start (not separated)"
-        rows.append([f"{ARMS[v['arm']]} vs {ARMS[v['baseline']]}", METRIC[v["metric"]].label,
-                     _verdict_cell(prev_rows.get(key)), _verdict_cell(rerun),
-                     _verdict_cell(lam_cell) if lam != old_lam else "(same λ)", _verdict_cell(v), moved])
-    header = ["comparison", "claimed effect", f"earlier study (committed; {prev.get('design', {}).get('pretrain_steps', '?')} "
-              f"steps, λ {prev.get('design', {}).get('cyclip_lambda', '?')})",
-              f"{steps} steps, λ {old_lam:g} (rerun)", f"{steps} steps, λ {lam:g}",
-              f"{cfg['pretrain_steps']} steps, λ {lam:g} (new)", "what moved it"]
+        committed = prev_rows.get((v["arm"], v["metric"]))
+        row = [f"{ARMS[v['arm']]} vs {ARMS[v['baseline']]}", METRIC[v["metric"]].label]
+        row += [_verdict_cell(committed)] if prev else []
+        if v["arm"] == "cyclip":
+            rerun, lam_cell = by_lam.get(old_lam, {}).get(v["metric"]), by_lam.get(lam, {}).get(v["metric"])
+            row += ([_verdict_cell(rerun)] + ([_verdict_cell(lam_cell)] if lam != old_lam else [])) if cells else []
+            moved = what_moved(committed, rerun, lam_cell, v)
+        else:
+            row += ["—"] * ((2 if lam != old_lam else 1) if cells else 0)
+            moved = ("fine-tuning budget and the longer-trained CLIP start, together" if committed else
+                     "— (no earlier verdict)")
+        rows.append(row + [_verdict_cell(v), moved])
     lines = [markdown_table(header, rows), ""]
+    if cells:
+        scales = "; ".join(f"λ {c['lambda']:g}: CLIP {_mean(c['logit_scale']['clip']):.1f}, CyCLIP "
+                           f"{_mean(c['logit_scale']['cyclip']):.1f}" for c in cells)
+        lines.append(f"Cells: verdict (paired gain, + = better), {len(cells[0]['runs']['clip'])} paired seeds each. "
+                     "\"What moved it\" walks from the committed verdict to the new one one change at a time: the "
+                     "earlier design rerun on today's code (core), then the new λ at the earlier budget (λ grid), then "
+                     "the new budget (budget); an interaction of λ and budget is credited to the budget. Logit scale "
+                     f"at the end of the {cells[0]['steps']}-step rerun (mean over seeds): {scales}"
+                     + (f" (the earlier study: CLIP {design['clip_logit_scale_end']:g}, CyCLIP "
+                        f"{design['cyclip_logit_scale_end']:g})." if "clip_logit_scale_end" in design else "."))
     if prev:
-        lines.append(f"Earlier study: {prev.get('source', '?')}. Cells: verdict (paired gain, + = better).")
+        lines.append(f"Earlier study: {prev.get('source', '?')}.")
     return lines
+
+
+def _mean(values: List[float]) -> float:
+    return sum(values) / len(values)
 
 
 def budget_sections(record: Dict, plot_name: str) -> List[str]:
@@ -186,11 +213,12 @@ def budget_sections(record: Dict, plot_name: str) -> List[str]:
                    "schedule's decay alone (design.py)." if literal else "."))
     return [
         "## Budget: has the logit scale settled?", "",
-        f"Rule: a run's quantity has settled when it changes by less than {cfg['settle_tolerance']:.0%} over the last "
-        f"{cfg['settle_window']:.0%} of the run, read over steps and over the summed learning rate (train/experiments/"
+        f"Rule: a run's quantity has settled when it changes by less than {_pct(cfg['settle_tolerance'])} over the last "
+        f"{_pct(cfg['settle_window'])} of the run, read over steps and over the summed learning rate (train/experiments/"
         "study/design.py says why both). Pretraining watches the logit scale; fine-tuning, whose CLIP scale is "
-        f"fixed, watches the probe's alignment and uniformity ({cfg['probe_size']} val pairs, every "
-        f"{cfg['probe_every']} steps).", "",
+        f"fixed, watches the probe's alignment and uniformity ({cfg['probe_size']} clean val pairs, every "
+        f"{cfg['probe_every']} steps and at the last; the verdicts are measured on test). \"vs step\": the record "
+        "compared with the last (the last at or before the window's first step).", "",
         verdict, "", settling_table(record), "",
         f"Over training (seed 0): the logit scale and the regularisers' gradient share at the chosen λ = {lam:g} "
         "(stated at the reference batch), measured on each arm's own probe features "

@@ -1,4 +1,4 @@
-"""`python -m train.experiments.study [--config configs/study/cpu.yaml] [key=value ...]` (`make study`): the fair test.
+"""`python -m train.experiments.study [--config configs/study/cpu.yaml] [--report-only] [key=value ...]` (`make study`): the fair test.
 
 CLIP vs CyCLIP pretraining and plain vs m²-Mix fine-tuning on Fashion-MNIST with per-image captions:
 
@@ -13,9 +13,15 @@ CLIP vs CyCLIP pretraining and plain vs m²-Mix fine-tuning on Fashion-MNIST wit
    regularisers' gradient share on real features, caption diversity; then OUT/REPORT.md with the paired
    verdicts of train/experiments/claims.py and plots (train/experiments/study/report.py).
 
+The pretraining budget is a stated cap; the probe (lib.Probe) records the logit scale, the regularisers'
+gradient share, alignment and uniformity over training, and design.py's rule says whether they settled.
+The grids of λ and w are extended while their val best sits at an edge. The earlier budget
+(``baseline_pretrain_steps``) is rerun for CLIP and CyCLIP to tell which change moved which verdict.
+
 Every run trains through the trainer's core (train/core/inprocess.py; settings in config.py). Every finished
 run and evaluation is saved (OUT/runs/<name>/: run.json, model.pt, eval.json), so an interrupted study
-resumes; a saved run of another configuration or of an older format (lib.RUN_FORMAT) is retrained.
+resumes; a saved run of another configuration, data split, probe or older format (lib.RUN_FORMAT) is
+retrained. ``--report-only`` rewrites REPORT.md and the plots from OUT/results.json and the saved runs.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from typing import Dict, List, Optional
 import torch
 
 from common.config_loader import load_config
+from common.errors import UserError
 from common.paths import REPO_ROOT
 from pipeline.demo.source import CLASSNAMES, TEMPLATES
 from train.evaluate.data import encode_texts, logit_scale_of
@@ -55,6 +62,7 @@ class Study:
         self.t0 = time.perf_counter()
         self.timings: Dict[str, float] = {}
         self.log(f"study -> {self.out} on {cfg.device}")
+        self.previous = load_previous(self.cfg.previous_verdicts, self.log)
         self.out.mkdir(parents=True, exist_ok=True)
         # Models and the data cache stay out of git; REPORT.md, results.json and plots/ are the record.
         (self.out / ".gitignore").write_text("runs/\ncache/\n*.tmp\n")
@@ -115,14 +123,21 @@ class Study:
                  f"({time.perf_counter() - t:.0f} s)")
         return result
 
+    def context(self) -> Dict:
+        """What a saved run depends on besides its RunSpec: the data split sizes and the probe's settings."""
+        c = self.cfg
+        return {"data": [c.pretrain_size, c.val_size, c.finetune_size],
+                "probe": {"every": c.probe_every, "size": c.probe_size, "reference_batch": c.cyclip_reference_batch}}
+
     def pre_spec(self, lr: float, lam: float, seed: int, steps: int = 0) -> lib.RunSpec:
         c = self.cfg
-        return lib.RunSpec(c.pretrain_optim(lr, steps), c.pretrain_loss(lam), c.pretrain_batch, seed)
+        return lib.RunSpec(c.pretrain_optim(lr, steps), c.pretrain_loss(lam), c.pretrain_batch, seed,
+                           context=self.context())
 
     def ft_spec(self, lr: float, w: float, seed: int, init: str) -> lib.RunSpec:
         c = self.cfg
         return lib.RunSpec(c.finetune_optim(lr), c.finetune_loss(w), c.finetune_batch, seed,
-                           self.out / "runs" / init / "model.pt")
+                           self.out / "runs" / init / "model.pt", context=self.context())
 
     # ---------------------------------------------------------------- stages
     def _grid(self, values: List[float], train, key: str, rows: List[Dict]) -> None:
@@ -151,7 +166,7 @@ class Study:
             info = self.run(arm_name("pre", "clip", lr, s0), self.pre_spec(lr, 0.0, s0), "pretrain")
             sweep["clip"].append({"lr": lr, "lambda": 0.0, "val_top1": info["val_top1"], "name": info["name"]})
         self._grid(c.cyclip_lambdas, lambda lam: cyclip(c.pretrain_lrs[0], lam), "lambda", sweep["cyclip"])
-        best_lam = max(sweep["cyclip"], key=lambda r: r["val_top1"])["lambda"]
+        best_lam = design.best(sweep["cyclip"], "lambda")["lambda"]
         for lr in c.pretrain_lrs[1:]:
             cyclip(lr, best_lam)
         return sweep
@@ -169,7 +184,7 @@ class Study:
             info = self.run(arm_name("ft", "plain", lr, s0), self.ft_spec(lr, 0.0, s0, init_of(s0)), "finetune")
             sweep["plain"].append({"lr": lr, "w": 0.0, "val_top1": info["val_top1"], "name": info["name"]})
         self._grid(c.m2mix_weights, lambda w: m2mix(c.finetune_lrs[0], w), "w", sweep["m2mix"])
-        best_w = max(sweep["m2mix"], key=lambda r: r["val_top1"])["w"]
+        best_w = design.best(sweep["m2mix"], "w")["w"]
         for lr in c.finetune_lrs[1:]:
             m2mix(lr, best_w)
         return sweep
@@ -197,19 +212,7 @@ class Study:
         return cells
 
     def settling(self, runs: Dict[str, List[str]]) -> Dict:
-        """Per arm and seed, design.settling of the logit scale (pretraining) or of the probe's alignment and
-        uniformity (fine-tuning), with the run's own per-step learning rates."""
-        c, out = self.cfg, {}
-        for arm, names in runs.items():
-            keys = ["logit_scale"] if arm in ("clip", "cyclip") else ["probe_alignment", "probe_uniformity"]
-            for name in names:
-                info = json.loads((self.out / "runs" / name / "run.json").read_text())
-                optim = OptimConfig(**info["config"]["optim"])
-                lrs = [schedule.cosine_lr(s, optim) for s in range(optim.steps)]
-                for key in keys:
-                    out.setdefault(arm, {}).setdefault(key, []).append(
-                        design.settling(info["records"], key, lrs, c.settle_window, c.settle_tolerance))
-        return out
+        return settling_of(self.out, runs, self.cfg.settle_window, self.cfg.settle_tolerance)
 
     def main(self) -> Path:
         from train.experiments.study import report as study_report
@@ -217,7 +220,7 @@ class Study:
         c = self.cfg
         t = time.perf_counter()
         pre_sweep = self.tune_pretraining()
-        best = {arm: max(rows, key=lambda r: r["val_top1"]) for arm, rows in pre_sweep.items()}
+        best = {arm: design.best(rows, "lambda") for arm, rows in pre_sweep.items()}
         self.log("chosen on val: " + ", ".join(f"{a} lr={b['lr']:g} λ={b['lambda']:g}" for a, b in best.items()))
         pre_runs = {arm: [arm_name("pre", arm, b["lr"], s, f"_lam{b['lambda']:g}" if arm == "cyclip" else "")
                           for s in c.seeds] for arm, b in best.items()}
@@ -228,7 +231,7 @@ class Study:
         t = time.perf_counter()
         init_of = lambda s: pre_runs["clip"][c.seeds.index(s)]
         ft_sweep = self.tune_finetuning(init_of)
-        best_ft = {arm: max(rows, key=lambda r: r["val_top1"]) for arm, rows in ft_sweep.items()}
+        best_ft = {arm: design.best(rows, "w") for arm, rows in ft_sweep.items()}
         ft_runs = {arm: [arm_name("ft", arm, b["lr"], s, f"_w{b['w']:g}" if arm == "m2mix" else "") for s in c.seeds]
                    for arm, b in best_ft.items()}
         for arm, b in best_ft.items():
@@ -245,7 +248,6 @@ class Study:
         extras = {"grad_share": self.grad_share(pre_runs["clip"][0]), "captions": self.caption_stats(pre_runs["clip"][0])}
         self.timings["diagnostics"] = time.perf_counter() - t
         self.timings["total"] = time.perf_counter() - self.t0
-        previous = REPO_ROOT / c.previous_verdicts if c.previous_verdicts else None
         record = {"config": dataclasses.asdict(c), "run_format": lib.RUN_FORMAT,
                   "optim": {"pretrain": dataclasses.asdict(c.pretrain_optim(best["clip"]["lr"])),
                             "finetune": dataclasses.asdict(c.finetune_optim(best_ft["plain"]["lr"]))},
@@ -255,7 +257,7 @@ class Study:
                   "verdicts": [v.as_dict() for pair in (("cyclip", "clip"), ("m2mix", "plain"))
                                for v in claims.judge_arms(evals, *pair)],
                   "settling": self.settling({**pre_runs, **ft_runs}), "baseline_cells": cells,
-                  "previous": json.loads(previous.read_text()) if previous and previous.is_file() else None,
+                  "previous": self.previous,
                   "training_records": {n: self.records(n) for names in (*pre_runs.values(), *ft_runs.values())
                                        for n in names[:1]}}
         lib.save_json(self.out / "results.json", record)
@@ -297,12 +299,70 @@ class Study:
                 "measured_with": clip_run}
 
 
+def load_previous(relative: str, log=print) -> Optional[Dict]:
+    """The earlier study's verdicts (``previous_verdicts``, relative to the repository root), read at the
+    start so that a damaged file is said before the study, not after it: a missing file is one warning and
+    no such column; "" is none. Raises UserError for a file that is not a verdicts file."""
+    if not relative:
+        return None
+    path = REPO_ROOT / relative
+    if not path.is_file():
+        log(f"warning: previous_verdicts {path} does not exist: the report has no earlier-study column")
+        return None
+    try:
+        previous = json.loads(path.read_text())
+        if not isinstance(previous, dict) or not isinstance(previous.get("verdicts"), list):
+            raise ValueError("no verdicts list")
+    except ValueError as e:
+        raise UserError(f"previous_verdicts {path}: not a verdicts file ({e})") from None
+    return previous
+
+
+def settling_of(out: Path, runs: Dict[str, List[str]], window: float, tolerance: float) -> Dict:
+    """Per arm and seed, design.settling of the logit scale (pretraining) or of the probe's alignment and
+    uniformity (fine-tuning), with each run's own per-step learning rates (from its saved run.json)."""
+    result: Dict = {}
+    for arm, names in runs.items():
+        keys = ["logit_scale"] if arm in ("clip", "cyclip") else ["probe_alignment", "probe_uniformity"]
+        for name in names:
+            info = json.loads((out / "runs" / name / "run.json").read_text())
+            optim = OptimConfig(**info["config"]["optim"])
+            lrs = [schedule.cosine_lr(s, optim) for s in range(optim.steps)]
+            for key in keys:
+                result.setdefault(arm, {}).setdefault(key, []).append(
+                    design.settling(info["records"], key, lrs, window, tolerance))
+    return result
+
+
+def rewrite_report(cfg: StudyConfig) -> Path:
+    """REPORT.md and plots again from OUT/results.json and the saved runs, without training: the settling
+    readings are recomputed with today's rule and the earlier verdicts reread; every measured number
+    (verdicts, evaluations, timings) is the results file's."""
+    from train.experiments.study import report as study_report
+
+    out = Path(cfg.out)
+    path = out / "results.json"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: run the study first (without --report-only)")
+    record = json.loads(path.read_text())
+    c = record["config"]
+    record["settling"] = settling_of(out, record["runs"], c["settle_window"], c["settle_tolerance"])
+    record["previous"] = load_previous(cfg.previous_verdicts)
+    lib.save_json(path, record)
+    return study_report.write_report(record, out)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.experiments.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "study" / "cpu.yaml"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite OUT/REPORT.md and plots from OUT/results.json and the saved runs, no training")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of StudyConfig fields")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(StudyConfig, args.config, args.overrides)
+    if args.report_only:
+        print(rewrite_report(cfg))
+        return 0
     Study(cfg).main()
     return 0
