@@ -52,7 +52,6 @@ def test_without_earlier_budget_cells_nothing_is_credited():
 
 
 def test_the_earlier_verdicts_file_is_read_at_the_start(tmp_path):
-
     import pytest
 
     from common.errors import UserError
