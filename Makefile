@@ -29,7 +29,7 @@ help:
 	@echo "make gpu-wheels - .whl/: the wheels the device machine's image lacks (benchmarks/gpu_wheels.txt), < 40 MB"
 	@echo "make gpu-rehearsal - benchmarks/gpu_device.sh on this CPU in an emulation of the device image (--cpu-dry-run)"
 	@echo "make demo    - shards, CLIP/CyCLIP pretraining, plain/m2-Mix fine-tuning, evaluation, demo/REPORT.md (FAST=1: demo/fast/)"
-	@echo "make study   - CLIP vs CyCLIP, plain vs m2-Mix: tuned on val, 4 paired seeds, verdicts -> study/REPORT.md (<= 60 min)"
+	@echo "make study   - CLIP vs CyCLIP, plain vs m2-Mix: tuned on val, 4 paired seeds, verdicts -> study/REPORT.md (~75 min)"
 	@echo "make pretrain / finetune - configs/pretrain_cyclip.yaml / finetune_m2mix.yaml on $(RANKS) local ranks (CONFIG=, ARGS=)"
 	@echo "make eval RUN_DIR=runs/X - evaluate a run on the held-out test split (ARGS='max_samples=1000')"
 
@@ -104,8 +104,9 @@ demo: setup
 	@$(MAKE) --no-print-directory setup-system
 	$(PYTHON) -m train.experiments.demo $(if $(DEMO_OUT),--out $(DEMO_OUT)) $(if $(FAST),--fast) $(ARGS)
 
-# The fair test of the papers' claims (train/experiments/study/run.py, configs/study/cpu.yaml): <= 60 min on 2 cores,
-# writes study/REPORT.md + plots; finished runs are reused, so an interrupted study continues.
+# The fair test of the papers' claims (train/experiments/study/run.py, configs/study/cpu.yaml): ~75 min on 2 cores,
+# writes study/REPORT.md + plots; finished runs are reused, so an interrupted study continues;
+# make study ARGS=--report-only rewrites the report from study/results.json and the saved runs.
 # GPU profile: make study STUDY_CONFIG=configs/study/gpu.yaml
 STUDY_CONFIG ?= configs/study/cpu.yaml
 study: setup
