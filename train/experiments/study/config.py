@@ -16,7 +16,7 @@ from common.validation import Range, Rule, check_bounds
 from train.config import LossConfig, OptimConfig
 
 RECORD_EVERY = 25
-"""Steps between a run's loss records (train_in_process's ``record_every``); the probe runs on records."""
+"""Steps between a run's loss records (train_in_process's ``record_every``) when the probe needs no others."""
 
 
 @dataclass
@@ -79,9 +79,11 @@ class StudyConfig:
     (design.next_grid_value: ×2.5 above, ×0.5 below); 0: the grid as given."""
     probe_every: int = 100
     """Steps between training probes (logit scale, the regularisers' gradient share, alignment and
-    uniformity on ``probe_size`` val pairs; lib.Probe), and at the last step: a multiple of RECORD_EVERY."""
+    uniformity on ``probe_size`` val pairs; lib.Probe), and at the last step. The loss records come every
+    gcd(RECORD_EVERY, probe_every) steps, so every probe has its record."""
     probe_size: int = 256
-    """Val pairs of the probe (the pretraining batch: the share is measured at the batch trained with)."""
+    """Val pairs of the probe (the pretraining batch: the share is measured at the batch trained with); at
+    most ``val_size`` (checked when the study starts)."""
     settle_window: float = 0.2
     """The budget rule's window: the last 20% of a run (of its steps and of its summed lr, design.py)."""
     settle_tolerance: float = 0.05
@@ -114,17 +116,11 @@ class StudyConfig:
     """Every field's rule, written once (common/validation.py; NaN/±inf are refused for every number)."""
 
     def validate(self) -> None:
-        """ConfigError (one line naming the key) for a value outside its rule, an empty list, or a probe
-        spacing the records do not have."""
+        """ConfigError (one line naming the key) for a value outside its rule or an empty list."""
         check_bounds(self, self.BOUNDS)
         for key in ("seeds", "pretrain_lrs", "cyclip_lambdas", "finetune_lrs", "m2mix_weights"):
             if not getattr(self, key):
                 raise ConfigError(f"{key}: empty; give at least one value")
-        if self.probe_size > self.val_size:
-            raise ConfigError(f"probe_size={self.probe_size}: more than the {self.val_size} val pairs (val_size)")
-        if self.probe_every % RECORD_EVERY:
-            raise ConfigError(f"probe_every={self.probe_every}: must be a multiple of {RECORD_EVERY} (the probe runs "
-                              "on the loss records, every 25 steps, and at the last step)")
 
     def pretrain_optim(self, lr: float, steps: int = 0) -> OptimConfig:
         """One pretraining run's optimizer and schedule (the trainer's defaults for everything not set here);

@@ -186,8 +186,7 @@ class RunSpec:
 
 class Probe:
     """What the study watches while a run trains (``train_in_process``'s probe), on ``size`` fixed val pairs
-    every ``every`` steps and at the last (step ``last``); it is called on the loss records, so ``every`` is a
-    multiple of their spacing (config.RECORD_EVERY):
+    every ``every`` steps and at the last (step ``last``; train_run records on those steps):
 
     - ``probe_share_per_lambda``: ‖∇ w·(C_in + C_cross)‖ / ‖∇ L_clip‖ w.r.t. the pairs' features at the
       model's clamped logit scale, with w = N_ref/size (λ = 1 stated at ``reference_batch``, as the study
@@ -245,7 +244,9 @@ def train_run(spec: RunSpec, split: Split, tokens: Tokens, device, log=print,
             log(f"  step {record['step']}/{spec.optim.steps}: loss {record['loss']:.4f}, "
                 f"scale {record['logit_scale']:.1f}")
 
-    records = train_in_process(model, batches, spec.optim, spec.loss, spec.seed, record_every=RECORD_EVERY,
+    # records wherever the probe is due, so it runs every ``probe.every`` steps whatever that spacing
+    record_every = math.gcd(RECORD_EVERY, probe.every) if isinstance(probe, Probe) else RECORD_EVERY
+    records = train_in_process(model, batches, spec.optim, spec.loss, spec.seed, record_every=record_every,
                                log=progress, probe=probe)
     return model, records
 

@@ -61,6 +61,8 @@ class Study:
         torch.set_num_threads(cfg.threads)
         self.t0 = time.perf_counter()
         self.timings: Dict[str, float] = {}
+        if cfg.probe_size > cfg.val_size:
+            raise UserError(f"probe_size={cfg.probe_size}: more than the {cfg.val_size} val pairs (val_size)")
         self.log(f"study -> {self.out} on {cfg.device}")
         self.previous = load_previous(self.cfg.previous_verdicts, self.log)
         self.out.mkdir(parents=True, exist_ok=True)
