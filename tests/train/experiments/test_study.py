@@ -93,6 +93,10 @@ def test_micro_study_report_matches_results_json(tmp_path):
     evals = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/eval.json")}
     Study(cfg).main()
     assert {p: p.stat().st_mtime_ns for p in models} == models and {p: p.stat().st_mtime_ns for p in evals} == evals
+    # ... and keeps the time and machine of the run that trained them
+    again = json.loads((out / "results.json").read_text())
+    assert again["timings_s"] == record["timings_s"] and again["machine"] == record["machine"]
+    assert set(again["run_seconds"]) == {n for names in record["runs"].values() for n in names} | set(record["run_seconds"])
     # ... but retrains (and re-evaluates) a run saved in another format
     stale = out / "runs" / record["runs"]["m2mix"][1]
     info = json.loads((stale / "run.json").read_text())

@@ -90,3 +90,31 @@ def test_the_best_row_breaks_ties_towards_the_weaker_regulariser():
     rows = [{"lambda": 0.1, "val_top1": 0.8}, {"lambda": 0.005, "val_top1": 0.85}, {"lambda": 0.01, "val_top1": 0.85}]
     assert design.best(rows, "lambda")["lambda"] == 0.005
     assert design.best(rows[:1], "lambda")["lambda"] == 0.1
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"reference_size": 10}, "reference_size=10 < 30"),
+    ({"test_size": 1}, "test_size=1: uniformity"),
+    ({"test_size": 20000}, "test_size=20000 > the 10000 test images"),
+    ({"finetune_batch": 20000}, "finetune_batch=20000 > finetune_size=9000"),
+    ({"pretrain_size": 59900}, "> the 60000 training images"),
+    ({"probe_size": 5000}, "probe_size=5000 > val_size=3000"),
+    ({"pretrain_warmup": 2000}, "pretrain_warmup=2000 >= pretrain_steps=2000"),
+    ({"baseline_pretrain_steps": 1}, "baseline_pretrain_steps=1"),
+])
+def test_sizes_that_do_not_fit_each_other_are_one_line_before_anything_is_built(override, message):
+    from common.errors import UserError
+    from train.experiments.study.config import StudyConfig
+
+    StudyConfig().check_sizes()    # the defaults (= configs/study/cpu.yaml's sizes) fit
+    with pytest.raises(UserError, match=message.replace("+", r"\+")):
+        StudyConfig(**override).check_sizes()
+
+
+def test_a_repeated_seed_is_refused():
+    from common.config_loader import load_config
+    from common.errors import ConfigError
+    from train.experiments.study.config import StudyConfig
+
+    with pytest.raises(ConfigError, match="seeds: \\[0, 0\\] repeats a value"):
+        load_config(StudyConfig, None, ["seeds=[0,0]"])

@@ -10,8 +10,9 @@ def verdict(metric, gain, status, arm="cyclip", baseline="clip"):
 
 
 def record(new_lambda, cells, previous=None):
-    return {"config": {"baseline_cyclip_lambda": 0.05, "baseline_pretrain_steps": 300, "pretrain_steps": 2000},
-            "chosen": {"pretrain": {"cyclip": {"lambda": new_lambda}}},
+    return {"config": {"baseline_cyclip_lambda": 0.05, "baseline_pretrain_steps": 300, "pretrain_steps": 2000,
+                       "pretrain_batch": 256},
+            "chosen": {"pretrain": {"cyclip": {"lambda": new_lambda, "lr": 3e-3}}},
             "verdicts": [verdict("zero_shot.top1", 0.02, "shows"), verdict("zero_shot.consistency", -0.03, "reversed"),
                          verdict("embedding.alignment", 0.1, "shows", "m2mix", "plain")],
             "baseline_cells": [{"steps": 300, "lambda": lam, "verdicts": v, "runs": {"clip": [0, 1]},
@@ -26,7 +27,7 @@ def rows_of(lines):
 def test_each_change_is_credited_with_the_verdict_it_turned():
     cells = {0.05: [verdict("zero_shot.top1", -0.04, "reversed"), verdict("zero_shot.consistency", -0.05, "reversed")],
              0.02: [verdict("zero_shot.top1", -0.01, "not resolved"), verdict("zero_shot.consistency", -0.04, "reversed")]}
-    previous = {"design": {"pretrain_steps": 300, "cyclip_lambda": 0.05}, "source": "x",
+    previous = {"design": {"pretrain_steps": 300, "pretrain_batch": 256, "cyclip_lambda": 0.05}, "source": "x",
                 "verdicts": [verdict("zero_shot.top1", -0.037, "reversed")]}
     rows = rows_of(report_budget.then_and_now(record(0.02, cells, previous)))
     top1, consistency, alignment = rows
@@ -35,6 +36,16 @@ def test_each_change_is_credited_with_the_verdict_it_turned():
     assert consistency[6] == "λ grid kept it (+0.0100); budget kept it (+0.0100)"
     assert consistency[2] == "—"    # the earlier study had no such row
     assert alignment[3:5] == ["—", "—"] and alignment[6] == "— (no earlier verdict)"
+
+
+def test_a_rerun_of_another_design_is_not_credited_to_the_code():
+    cells = {0.05: [verdict("zero_shot.top1", -0.04, "reversed"), verdict("zero_shot.consistency", -0.05, "reversed")]}
+    previous = {"design": {"pretrain_steps": 300, "pretrain_batch": 512, "cyclip_lambda": 0.05}, "source": "x",
+                "verdicts": [verdict("zero_shot.top1", -0.037, "not resolved")]}
+    lines = report_budget.then_and_now(record(0.05, cells, previous))
+    top1 = rows_of(lines)[0]
+    assert top1[-1] == "budget turned it (+0.0600)"    # no "core" step: the rerun is not the earlier design
+    assert any("pretrain_batch 256 vs 512" in line and "not** the earlier study's design" in line for line in lines)
 
 
 def test_when_the_new_lambda_is_the_old_one_only_the_budget_is_credited():

@@ -100,7 +100,8 @@ class StudyConfig:
     BOUNDS: ClassVar[Dict[str, Rule]] = {
         **{k: Range(low=1) for k in ("threads", "pretrain_size", "val_size", "finetune_size", "test_size",
                                      "reference_size", "pretrain_batch", "cyclip_reference_batch",
-                                     "finetune_batch", "grad_share_sizes", "probe_every", "probe_size")},
+                                     "finetune_batch", "grad_share_sizes", "probe_every")},
+        "probe_size": Range(low=2),    # one pair has no negative: CLIP's gradient is 0
         # two steps at least: the budget rule compares a run's first and last records
         "pretrain_steps": Range(low=2), "finetune_steps": Range(low=2),
         "grid_extensions": Range(low=0), "baseline_pretrain_steps": Range(low=0),
@@ -121,6 +122,38 @@ class StudyConfig:
         for key in ("seeds", "pretrain_lrs", "cyclip_lambdas", "finetune_lrs", "m2mix_weights"):
             if not getattr(self, key):
                 raise ConfigError(f"{key}: empty; give at least one value")
+            if len(set(getattr(self, key))) != len(getattr(self, key)):
+                raise ConfigError(f"{key}: {getattr(self, key)} repeats a value (a repeated seed would count one "
+                                  "run as two paired seeds)")
+
+    def check_sizes(self, train_images: int = 60000, test_images: int = 10000, max_k: int = 30) -> None:
+        """UserError (one line) for sizes that fit each field's own rule but not each other, checked before
+        anything is built: the splits within Fashion-MNIST's ``train_images``, a batch within its pool, the
+        k-NN reference within the pretraining pairs and above the largest k, the probe within val, two test
+        images for uniformity, warmup shorter than the run, the earlier budget of two steps or none."""
+        from common.errors import UserError
+
+        problems = []
+        if self.pretrain_size + self.val_size + self.finetune_size > train_images:
+            problems.append(f"pretrain_size + val_size + finetune_size = "
+                            f"{self.pretrain_size + self.val_size + self.finetune_size} > the {train_images} training images")
+        for batch, pool in (("pretrain_batch", "pretrain_size"), ("finetune_batch", "finetune_size"),
+                            ("probe_size", "val_size"), ("reference_size", "pretrain_size")):
+            if getattr(self, batch) > getattr(self, pool):
+                problems.append(f"{batch}={getattr(self, batch)} > {pool}={getattr(self, pool)}")
+        if self.reference_size < max_k:
+            problems.append(f"reference_size={self.reference_size} < {max_k}, the largest k of the k-NN consistency")
+        if self.test_size > test_images:
+            problems.append(f"test_size={self.test_size} > the {test_images} test images")
+        if self.test_size < 2:
+            problems.append(f"test_size={self.test_size}: uniformity needs at least 2 test images")
+        for warmup, steps in (("pretrain_warmup", "pretrain_steps"), ("finetune_warmup", "finetune_steps")):
+            if getattr(self, warmup) >= getattr(self, steps):
+                problems.append(f"{warmup}={getattr(self, warmup)} >= {steps}={getattr(self, steps)}")
+        if self.baseline_pretrain_steps == 1:
+            problems.append("baseline_pretrain_steps=1: give 0 (none) or at least 2 steps")
+        if problems:
+            raise UserError("study config: " + "; ".join(problems))
 
     def pretrain_optim(self, lr: float, steps: int = 0) -> OptimConfig:
         """One pretraining run's optimizer and schedule (the trainer's defaults for everything not set here);

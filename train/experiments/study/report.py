@@ -126,8 +126,15 @@ def sweep_tables(record) -> List[str]:
             f"Chosen (best val top-1 of each arm): CLIP lr {c['pretrain']['clip']['lr']:g}; CyCLIP lr "
             f"{c['pretrain']['cyclip']['lr']:g}, λ {c['pretrain']['cyclip']['lambda']:g}; plain lr "
             f"{c['finetune']['plain']['lr']:g}; m²-Mix lr {c['finetune']['m2mix']['lr']:g}, w {c['finetune']['m2mix']['w']:g}.",
-            "The val split has " f"{record['config']['val_size']} images (standard error of a top-1 near 0.7 ≈ 0.008), "
-            "so sweep differences below ~0.02 do not rank settings reliably."]
+            _noise_line(record)]
+
+
+def _noise_line(record) -> str:
+    """The val split's binomial standard error at the chosen CLIP's val top-1 p: √(p(1 − p)/n)."""
+    n, p = record["config"]["val_size"], record["chosen"]["pretrain"]["clip"]["val_top1"]
+    se = math.sqrt(max(p * (1 - p), 1e-12) / n)
+    return (f"The val split has {n} images: the standard error of a top-1 near {p:.2f} is {se:.3f}, so sweep "
+            f"differences below ~{2.5 * se:.3f} do not rank settings reliably.")
 
 
 def _edge_note(record) -> str:
@@ -144,6 +151,25 @@ def _edge_note(record) -> str:
         return " Both grids bracket their val best."
     spent = " (extensions spent)" if record["config"].get("grid_extensions") else " (no extensions allowed)"
     return " " + "; ".join(notes) + spent + "."
+
+
+def machine() -> Dict:
+    """The machine a study ran on, stored in results.json when it trained (a rerun that reuses every run
+    keeps the earlier one)."""
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 1)}
+
+
+def _time_lines(record) -> List[str]:
+    t, m = record["timings_s"], record.get("machine") or machine()
+    lines = [f"{t['total'] / 60:.1f} min in total on {m['cpu']} ({m['cores']} cores, load average {m['load_average']:.1f} "
+             "at the end): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in t.items() if k != "total")
+             + " (stages reused from an interrupted run count only their remaining part)."]
+    seconds = record.get("run_seconds") or {}
+    if seconds:
+        slowest = max(seconds, key=seconds.get)
+        lines.append(f"Each training run's own time is in results.json (`run_seconds`): {len(seconds)} runs, "
+                     f"{sum(seconds.values()) / 60:.1f} min together, the longest {slowest} at {seconds[slowest]:.0f} s.")
+    return lines
 
 
 def _cpu_name() -> str:
@@ -229,7 +255,6 @@ def write_report(record: Dict, out: Path) -> Path:
              "sweep": sweep_plot(record, plots / "sweeps.png"), "curves": curves_plot(record, plots / "training_seed0.png"),
              "budget": report_budget.budget_plot(record, plots / "budget.png")}
     verdicts = verdicts_of(evals)
-    t = record["timings_s"]
     lines = [
         "# Study: do the papers' claimed effects show? (`make study`)", "",
         "CLIP vs CyCLIP pretraining (Goel et al., 2022) and plain vs m²-Mix fine-tuning (Oh et al., 2023) of the tiny "
@@ -248,7 +273,5 @@ def write_report(record: Dict, out: Path) -> Path:
         f"![training](plots/{names['curves']})", "",
         *_captions_and_share_sections(record),
         "## Time", "",
-        f"{t['total'] / 60:.1f} min in total on this machine ({_cpu_name()}, {os.cpu_count()} cores, load average "
-        f"{os.getloadavg()[0]:.1f} when written): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in t.items() if k != "total")
-        + " (stages reused from an interrupted run count only their remaining part).", ""]
+        *_time_lines(record), ""]
     return atomic_write_text(out / "REPORT.md", "\n".join(lines))

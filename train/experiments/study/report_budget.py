@@ -90,7 +90,7 @@ def _pct(x: float) -> str:
 
 
 def _change(reading: Dict) -> str:
-    change = "—" if reading["change"] == float("inf") else f"{100 * reading['change']:.1f}%"
+    change = "—" if reading["change"] == float("inf") else f"{100 * reading['change']:.2f}%"
     return f"{change} (vs step {reading.get('from', reading['start'])})"
 
 
@@ -140,6 +140,8 @@ def what_moved(committed: Optional[Dict], rerun: Optional[Dict], lam_cell: Optio
     interaction of λ and budget is credited to the budget."""
     if rerun is None or lam_cell is None:
         return "not separated (no earlier-budget cells)"
+    if any(v is not None and v["verdict"] == "one seed" for v in (committed, rerun, lam_cell, new)):
+        return "— (one seed: no intervals to compare)"
     parts = []
     for label, a, b in (("core", committed, rerun), ("λ grid", rerun, lam_cell), ("budget", lam_cell, new)):
         if a is None or a is b:
@@ -158,6 +160,7 @@ def then_and_now(record: Dict) -> List[str]:
     old_lam = cfg.get("baseline_cyclip_lambda")
     by_lam = {c["lambda"]: {v["metric"]: v for v in c["verdicts"]} for c in cells}
     design = prev.get("design", {})
+    differs = _design_differences(design, cells, cfg, record) if prev and cells else []
     header = ["comparison", "claimed effect"]
     if prev:
         header.append(f"earlier study (committed; {design.get('pretrain_steps', '?')} steps, λ {design.get('cyclip_lambda', '?')})")
@@ -173,10 +176,10 @@ def then_and_now(record: Dict) -> List[str]:
         if v["arm"] == "cyclip":
             rerun, lam_cell = by_lam.get(old_lam, {}).get(v["metric"]), by_lam.get(lam, {}).get(v["metric"])
             row += ([_verdict_cell(rerun)] + ([_verdict_cell(lam_cell)] if lam != old_lam else [])) if cells else []
-            moved = what_moved(committed, rerun, lam_cell, v)
+            moved = what_moved(None if differs else committed, rerun, lam_cell, v)
         else:
             row += ["—"] * ((2 if lam != old_lam else 1) if cells else 0)
-            moved = ("fine-tuning budget and the longer-trained CLIP start, together" if committed else
+            moved = ("not separated: fine-tuning budget, w and the CLIP start changed together" if committed else
                      "— (no earlier verdict)")
         rows.append(row + [_verdict_cell(v), moved])
     lines = [markdown_table(header, rows), ""]
@@ -192,7 +195,17 @@ def then_and_now(record: Dict) -> List[str]:
                         f"{design['cyclip_logit_scale_end']:g})." if "clip_logit_scale_end" in design else "."))
     if prev:
         lines.append(f"Earlier study: {prev.get('source', '?')}.")
+    if differs:
+        lines.append("The earlier-budget cells are **not** the earlier study's design (" + "; ".join(differs) + "): the "
+                     "committed column is context only, and the attribution starts at the rerun.")
     return lines
+
+
+def _design_differences(design: Dict, cells: List[Dict], cfg: Dict, record: Dict) -> List[str]:
+    """How the earlier-budget rerun differs from the earlier study's recorded design (empty: a true rerun)."""
+    now = {"pretrain_steps": cells[0]["steps"], "pretrain_batch": cfg["pretrain_batch"],
+           "cyclip_lambda": cfg.get("baseline_cyclip_lambda"), "pretrain_lr": record["chosen"]["pretrain"]["cyclip"]["lr"]}
+    return [f"{k} {now[k]:g} vs {design[k]:g}" for k in now if k in design and now[k] != design[k]]
 
 
 def _mean(values: List[float]) -> float:

@@ -61,8 +61,11 @@ class Study:
         torch.set_num_threads(cfg.threads)
         self.t0 = time.perf_counter()
         self.timings: Dict[str, float] = {}
-        if cfg.probe_size > cfg.val_size:
-            raise UserError(f"probe_size={cfg.probe_size}: more than the {cfg.val_size} val pairs (val_size)")
+        self.fresh = 0    # runs trained and evaluations computed by this invocation (0: everything reused)
+        self.run_seconds: Dict[str, float] = {}
+        cfg.check_sizes(max_k=max(evaluation.EVAL.consistency_ks))
+        if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+            raise UserError(f"out={cfg.out}: a file, not a folder")
         self.log(f"study -> {self.out} on {cfg.device}")
         self.previous = load_previous(self.cfg.previous_verdicts, self.log)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -86,17 +89,21 @@ class Study:
         if (folder / "run.json").is_file() and (folder / "model.pt").is_file():
             saved = json.loads((folder / "run.json").read_text())
             if saved["config"] == config:
+                self.run_seconds[name] = saved["seconds"]
                 return saved
-            self.log(f"{name}: saved run has another configuration or format, retraining")
+            changed = sorted(k for k in set(config) | set(saved["config"]) if config.get(k) != saved["config"].get(k))
+            self.log(f"{name}: the saved run differs in {', '.join(changed)}: retraining")
         t, c = time.perf_counter(), self.cfg
         probe = lib.Probe(self.data["val"], self.tokenizer, self.preprocess, c.probe_size, c.probe_every,
                           spec.optim.steps - 1, c.cyclip_reference_batch, spec.optim.max_logit_scale, self.device)
         model, records = lib.train_run(spec, self.data[split], self.tokens[split], self.device, self.log, probe)
         (folder / "eval.json").unlink(missing_ok=True)    # the evaluation of the weights replaced here
         lib.save_model(model, folder / "model.pt", spec.optim.max_logit_scale)
+        self.fresh += 1
         info = {"name": name, "val_top1": evaluation.val_top1(model, self.tokenizer, self.preprocess, self.data),
                 "records": records, "seconds": time.perf_counter() - t, "config": config}
         lib.save_json(folder / "run.json", info)
+        self.run_seconds[name] = info["seconds"]
         self.log(f"{name}: val top-1 {info['val_top1']:.4f}, final loss {records[-1]['loss']:.4f}, "
                  f"scale {records[-1]['logit_scale']:.1f} ({info['seconds']:.0f} s)")
         return info
@@ -118,6 +125,7 @@ class Study:
             if saved.pop("study_stamp", None) == stamp:
                 return saved
         t = time.perf_counter()
+        self.fresh += 1
         result = evaluation.evaluate_model(self.load(name), self.tokenizer, self.preprocess, self.data, c.reference_size)
         lib.save_json(path, {**result, "study_stamp": stamp})
         self.log(f"evaluated {name}: top-1 {result['zero_shot']['top1']:.4f}, shifted "
@@ -250,12 +258,19 @@ class Study:
         extras = {"grad_share": self.grad_share(pre_runs["clip"][0]), "captions": self.caption_stats(pre_runs["clip"][0])}
         self.timings["diagnostics"] = time.perf_counter() - t
         self.timings["total"] = time.perf_counter() - self.t0
+        timings, machine = self.timings, study_report.machine()
+        earlier = self.out / "results.json"
+        if not self.fresh and earlier.is_file():
+            # nothing was trained or evaluated now: the time and machine stay those of the run that did
+            kept = json.loads(earlier.read_text())
+            timings, machine = kept.get("timings_s", timings), kept.get("machine", machine)
         record = {"config": dataclasses.asdict(c), "run_format": lib.RUN_FORMAT,
                   "optim": {"pretrain": dataclasses.asdict(c.pretrain_optim(best["clip"]["lr"])),
                             "finetune": dataclasses.asdict(c.finetune_optim(best_ft["plain"]["lr"]))},
                   "pretrain_sweep": pre_sweep, "finetune_sweep": ft_sweep,
                   "chosen": {"pretrain": best, "finetune": best_ft}, "runs": {**pre_runs, **ft_runs},
-                  "evals": evals, **extras, "timings_s": self.timings,
+                  "evals": evals, **extras, "timings_s": timings, "machine": machine,
+                  "run_seconds": self.run_seconds,
                   "verdicts": [v.as_dict() for pair in (("cyclip", "clip"), ("m2mix", "plain"))
                                for v in claims.judge_arms(evals, *pair)],
                   "settling": self.settling({**pre_runs, **ft_runs}), "baseline_cells": cells,
@@ -346,9 +361,19 @@ def rewrite_report(cfg: StudyConfig) -> Path:
     path = out / "results.json"
     if not path.is_file():
         raise UserError(f"{path} does not exist: run the study first (without --report-only)")
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: not a results file ({e})") from None
     c = record["config"]
-    record["settling"] = settling_of(out, record["runs"], c["settle_window"], c["settle_tolerance"])
+    c["settle_window"], c["settle_tolerance"] = cfg.settle_window, cfg.settle_tolerance
+    names = [n for names in record["runs"].values() for n in names]
+    if all((out / "runs" / n / "run.json").is_file() for n in names):
+        record["settling"] = settling_of(out, record["runs"], cfg.settle_window, cfg.settle_tolerance)
+        record["run_seconds"] = {p.parent.name: json.loads(p.read_text())["seconds"]
+                                 for p in sorted((out / "runs").glob("*/run.json"))}
+    else:    # a fresh clone: runs/ is not committed
+        print(f"{out / 'runs'}: the saved runs are absent; the settling readings stay those of results.json")
     record["previous"] = load_previous(cfg.previous_verdicts)
     lib.save_json(path, record)
     return study_report.write_report(record, out)
