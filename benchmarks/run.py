@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.machine import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "BENCHMARKS.md"
 HEADER = ("# Benchmarks\n\nWritten by `make bench` (`python -m benchmarks.run`). Every table was "
@@ -32,14 +34,7 @@ MARKER = re.compile(r"^<!-- section: ([\w.-]+) -->\n", re.MULTILINE)
 
 
 def describe_machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 

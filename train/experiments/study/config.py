@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, List
 
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
 from common.validation import Range, Rule, check_bounds
 from train.config import LossConfig, OptimConfig
 
@@ -131,8 +131,6 @@ class StudyConfig:
         anything is built: the splits within Fashion-MNIST's ``train_images``, a batch within its pool, the
         k-NN reference within the pretraining pairs and above the largest k, the probe within val, two test
         images for uniformity, warmup shorter than the run, the earlier budget of two steps or none."""
-        from common.errors import UserError
-
         problems = []
         if self.pretrain_size + self.val_size + self.finetune_size > train_images:
             problems.append(f"pretrain_size + val_size + finetune_size = "

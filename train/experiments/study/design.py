@@ -17,6 +17,14 @@ from __future__ import annotations
 import bisect
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from train.config import OptimConfig
+from train.core.schedule import cosine_lr
+
+
+def schedule_lrs(optim: OptimConfig) -> List[float]:
+    """The learning rate of each of a run's ``optim.steps`` steps: the trainer's schedule (cosine_lr)."""
+    return [cosine_lr(step, optim) for step in range(optim.steps)]
+
 
 def window_start(lrs: Sequence[float], window: float, by: str) -> int:
     """The first step of the last ``window`` of a run whose step t had learning rate ``lrs[t]``.

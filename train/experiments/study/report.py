@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.atomic_files import atomic_write_text  # noqa: E402
+from common.machine import cpu_name  # noqa: E402
 from train.evaluate.report import markdown_table  # noqa: E402
 from train.experiments import claims  # noqa: E402
 from train.experiments.claims import ARMS  # noqa: E402
@@ -156,7 +157,7 @@ def _edge_note(record) -> str:
 def machine() -> Dict:
     """The machine a study ran on, stored in results.json when it trained (a rerun that reuses every run
     keeps the earlier one)."""
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 1)}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 1)}
 
 
 def _time_lines(record) -> List[str]:
@@ -170,19 +171,6 @@ def _time_lines(record) -> List[str]:
         lines.append(f"Each training run's own time is in results.json (`run_seconds`): {len(seconds)} runs, "
                      f"{sum(seconds.values()) / 60:.1f} min together, the longest {slowest} at {seconds[slowest]:.0f} s.")
     return lines
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), or the platform's processor string."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _optimizer_line(optim: Optional[Dict]) -> List[str]:

@@ -71,11 +71,9 @@ def effect_settling(record: Dict) -> Dict[str, Dict]:
     the verdicts sign it). Whether the *difference* the claims judge had settled; a gain near 0 cannot settle
     relatively (its change is read against its own size)."""
     from train.config import OptimConfig
-    from train.core.schedule import cosine_lr
-    from train.experiments.study.design import settling
+    from train.experiments.study.design import schedule_lrs, settling
 
-    cfg, optim = record["config"], OptimConfig(**record["optim"]["finetune"])
-    lrs = [cosine_lr(s, optim) for s in range(optim.steps)]
+    cfg, lrs = record["config"], schedule_lrs(OptimConfig(**record["optim"]["finetune"]))
     plain = {r["step"]: r for r in seed0(record, "plain") if "probe_alignment" in r}
     out = {}
     for key in ("probe_alignment", "probe_uniformity"):

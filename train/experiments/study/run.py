@@ -42,7 +42,6 @@ from pipeline.demo.source import CLASSNAMES, TEMPLATES
 from train.evaluate.data import encode_texts, logit_scale_of
 from train.experiments import claims
 from train.config import OptimConfig
-from train.core import schedule
 from train.experiments.study import design, evaluation, lib
 from train.experiments.study.config import StudyConfig
 from train.losses.diagnostics import regulariser_share
@@ -208,21 +207,20 @@ class Study:
             return []
         steps, tag = c.baseline_pretrain_steps, f"_steps{c.baseline_pretrain_steps}"
         clip_lr, cy_lr = best["clip"]["lr"], best["cyclip"]["lr"]
-        clip = [self.run(arm_name("pre", "clip", clip_lr, s, tag), self.pre_spec(clip_lr, 0.0, s, steps),
-                         "pretrain")["name"] for s in c.seeds]
+        clip = [self.run(arm_name("pre", "clip", clip_lr, s, tag), self.pre_spec(clip_lr, 0.0, s, steps), "pretrain")
+                for s in c.seeds]
         cells = []
         for lam in dict.fromkeys([c.baseline_cyclip_lambda, best["cyclip"]["lambda"]]):
             cyclip = [self.run(arm_name("pre", "cyclip", cy_lr, s, f"_lam{lam:g}{tag}"),
-                               self.pre_spec(cy_lr, lam, s, steps), "pretrain")["name"] for s in c.seeds]
-            evals = {"clip": [self.evaluate(n) for n in clip], "cyclip": [self.evaluate(n) for n in cyclip]}
-            cells.append({"steps": steps, "lambda": lam, "runs": {"clip": clip, "cyclip": cyclip},
-                          "logit_scale": {arm: [self.records(n)[-1]["logit_scale"] for n in names]
-                                          for arm, names in (("clip", clip), ("cyclip", cyclip))},
+                               self.pre_spec(cy_lr, lam, s, steps), "pretrain") for s in c.seeds]
+            arms = {"clip": clip, "cyclip": cyclip}
+            evals = {arm: [self.evaluate(info["name"]) for info in infos] for arm, infos in arms.items()}
+            cells.append({"steps": steps, "lambda": lam,
+                          "runs": {arm: [info["name"] for info in infos] for arm, infos in arms.items()},
+                          "logit_scale": {arm: [info["records"][-1]["logit_scale"] for info in infos]
+                                          for arm, infos in arms.items()},
                           "verdicts": [v.as_dict() for v in claims.judge_arms(evals, "cyclip", "clip")]})
         return cells
-
-    def settling(self, runs: Dict[str, List[str]]) -> Dict:
-        return settling_of(self.out, runs, self.cfg.settle_window, self.cfg.settle_tolerance)
 
     def main(self) -> Path:
         from train.experiments.study import report as study_report
@@ -273,7 +271,8 @@ class Study:
                   "run_seconds": self.run_seconds,
                   "verdicts": [v.as_dict() for pair in (("cyclip", "clip"), ("m2mix", "plain"))
                                for v in claims.judge_arms(evals, *pair)],
-                  "settling": self.settling({**pre_runs, **ft_runs}), "baseline_cells": cells,
+                  "settling": settling_of(self.out, {**pre_runs, **ft_runs}, c.settle_window, c.settle_tolerance),
+                  "baseline_cells": cells,
                   "previous": self.previous,
                   "training_records": {n: self.records(n) for names in (*pre_runs.values(), *ft_runs.values())
                                        for n in names[:1]}}
@@ -343,8 +342,7 @@ def settling_of(out: Path, runs: Dict[str, List[str]], window: float, tolerance:
         keys = ["logit_scale"] if arm in ("clip", "cyclip") else ["probe_alignment", "probe_uniformity"]
         for name in names:
             info = json.loads((out / "runs" / name / "run.json").read_text())
-            optim = OptimConfig(**info["config"]["optim"])
-            lrs = [schedule.cosine_lr(s, optim) for s in range(optim.steps)]
+            lrs = design.schedule_lrs(OptimConfig(**info["config"]["optim"]))
             for key in keys:
                 result.setdefault(arm, {}).setdefault(key, []).append(
                     design.settling(info["records"], key, lrs, window, tolerance))
@@ -370,8 +368,12 @@ def rewrite_report(cfg: StudyConfig) -> Path:
     names = [n for names in record["runs"].values() for n in names]
     if all((out / "runs" / n / "run.json").is_file() for n in names):
         record["settling"] = settling_of(out, record["runs"], cfg.settle_window, cfg.settle_tolerance)
-        record["run_seconds"] = {p.parent.name: json.loads(p.read_text())["seconds"]
-                                 for p in sorted((out / "runs").glob("*/run.json"))}
+        trained = [n for names in record["runs"].values() for n in names]
+        trained += [r["name"] for sweep in (record["pretrain_sweep"], record["finetune_sweep"]) for rows in sweep.values()
+                    for r in rows]
+        trained += [n for cell in record.get("baseline_cells", []) for names in cell["runs"].values() for n in names]
+        record["run_seconds"] = {n: json.loads((out / "runs" / n / "run.json").read_text())["seconds"]
+                                 for n in sorted(set(trained)) if (out / "runs" / n / "run.json").is_file()}
     else:    # a fresh clone: runs/ is not committed
         print(f"{out / 'runs'}: the saved runs are absent; the settling readings stay those of results.json")
     record["previous"] = load_previous(cfg.previous_verdicts)
