@@ -9,6 +9,7 @@ Every number comes from results.json: ``settling`` (design.settling per arm and 
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import fmean
 from typing import Dict, List, Optional
 
 import matplotlib.pyplot as plt
@@ -182,8 +183,8 @@ def then_and_now(record: Dict) -> List[str]:
         rows.append(row + [_verdict_cell(v), moved])
     lines = [markdown_table(header, rows), ""]
     if cells:
-        scales = "; ".join(f"λ {c['lambda']:g}: CLIP {_mean(c['logit_scale']['clip']):.1f}, CyCLIP "
-                           f"{_mean(c['logit_scale']['cyclip']):.1f}" for c in cells)
+        scales = "; ".join(f"λ {c['lambda']:g}: CLIP {fmean(c['logit_scale']['clip']):.1f}, CyCLIP "
+                           f"{fmean(c['logit_scale']['cyclip']):.1f}" for c in cells)
         lines.append(f"Cells: verdict (paired gain, + = better), {len(cells[0]['runs']['clip'])} paired seeds each. "
                      "\"What moved it\" walks from the committed verdict to the new one one change at a time: the "
                      "earlier design rerun on today's code (core), then the new λ at the earlier budget (λ grid), then "
@@ -204,10 +205,6 @@ def _design_differences(design: Dict, cells: List[Dict], cfg: Dict, record: Dict
     now = {"pretrain_steps": cells[0]["steps"], "pretrain_batch": cfg["pretrain_batch"],
            "cyclip_lambda": cfg.get("baseline_cyclip_lambda"), "pretrain_lr": record["chosen"]["pretrain"]["cyclip"]["lr"]}
     return [f"{k} {now[k]:g} vs {design[k]:g}" for k in now if k in design and now[k] != design[k]]
-
-
-def _mean(values: List[float]) -> float:
-    return sum(values) / len(values)
 
 
 def budget_sections(record: Dict, plot_name: str) -> List[str]:
